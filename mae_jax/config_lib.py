@@ -1,0 +1,56 @@
+"""Shared pieces of the configs in configs/: model sizes and the paper's pretraining recipe."""
+
+import ml_collections
+from ml_collections import config_dict
+
+# ViT sizes of the paper (RECIPE.md); decoder 512 x 8, 16 heads, for all.
+MODEL_SIZES = {
+    "vit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_l": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_h": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """`MaskedAutoencoder` constructor fields (same names) plus `mask_ratio`."""
+  fields = dict(img_size=224, in_chans=3, decoder_embed_dim=512, decoder_depth=8,
+                decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True,
+                dtype="bfloat16", scan=False, remat=False,
+                attention_impl=config_dict.placeholder(str), mask_ratio=0.75)
+  fields.update(MODEL_SIZES[size])
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def pretrain_config(size: str) -> ml_collections.ConfigDict:
+  """The paper's pretraining recipe (Table 8) for one ViT size on ImageNet-1k."""
+  c = ml_collections.ConfigDict()
+  c.mode = "pretrain"
+  c.seed = 0
+  c.model = model_config(size)
+  c.input = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012",   # a TFDS name, or "folder:/path/to/images"
+      split="train",
+      data_dir=config_dict.placeholder(str),    # TFDS data_dir (None = TFDS default)
+      manual_dir=config_dict.placeholder(str),  # where the ILSVRC tars are, for imagenet2012
+      batch_size=4096,          # global, over all processes
+      crop_scale=(0.2, 1.0),
+      crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+      num_workers=-1,           # decoding worker processes per host (-1 = one per core)
+      prefetch=2,               # batches kept ready ahead, per host
+  ))
+  c.num_epochs = 800
+  c.warmup_epochs = 40
+  c.total_steps = 0             # 0 = derive from num_epochs and the dataset size
+  c.optimizer = ml_collections.ConfigDict(dict(
+      blr=1.5e-4,               # lr = blr * global_batch / 256
+      lr=0.0,                   # > 0 overrides blr scaling
+      b1=0.9, b2=0.95, weight_decay=0.05,
+      grad_accum_steps=1,       # micro-batches per update (for global batches that do not fit)
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1 = all remaining devices
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.reconstruction_every_steps = 5000
+  return c

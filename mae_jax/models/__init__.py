@@ -1,0 +1,13 @@
+"""MAE models: pure functions, Flax modules and parameter-layout converters."""
+
+from mae_jax.models.functional import (mae_loss, masked_mse, normalized_targets, num_kept,
+                                       patchify, random_masking, sincos_pos_embed_2d,
+                                       unnormalize_pred, unpatchify)
+from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
+from mae_jax.models.mae import MaskedAutoencoder, from_config
+
+__all__ = [
+    "MaskedAutoencoder", "from_config", "mae_loss", "masked_mse", "normalized_targets", "num_kept", "patchify",
+    "random_masking", "sincos_pos_embed_2d", "unnormalize_pred", "unpatchify", "is_scanned",
+    "scan_to_unrolled", "unrolled_to_scan",
+]

