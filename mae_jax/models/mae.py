@@ -69,8 +69,6 @@ class MaskedAutoencoder(nn.Module):
     self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
                                   kernel_init=linear_init(self.embed_dim,
                                                           self.decoder_embed_dim))
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
-                                 (1, 1, self.decoder_embed_dim))
     self.Decoder = Transformer(self.decoder_depth, self.decoder_num_heads,
                                int(self.decoder_embed_dim * self.mlp_ratio), prefix="decoder",
                                **common)
@@ -102,12 +100,16 @@ class MaskedAutoencoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
     return self.Transformer(x), mask, ids_restore
 
+  @nn.compact
   def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """Returns pred [B, L, p*p*C] (the cls output dropped)."""
+    # Declared here rather than in setup so that encoder-only params can run `encode`.
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02),
+                            (1, 1, self.decoder_embed_dim))
     x = self.decoder_embed(latent)
     b, t, d = x.shape
     n_mask = ids_restore.shape[1] + 1 - t
-    tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (b, n_mask, d))
+    tokens = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_mask, d))
     x_ = jnp.concatenate([x[:, 1:], tokens], axis=1)
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
     x = jnp.concatenate([x[:, :1], x_], axis=1)

@@ -1,0 +1,216 @@
+"""Exact tests of the MAE pieces and of the model's invariants."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import config_lib
+from mae_jax.models import (MaskedAutoencoder, from_config, normalized_targets, num_kept,
+                            patchify, random_masking, scan_to_unrolled, sincos_pos_embed_2d,
+                            unnormalize_pred, unpatchify, unrolled_to_scan)
+
+TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
+            decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
+            norm_pix_loss=True)
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _init(model, batch=2):
+  images = jnp.zeros((batch, model.img_size, model.img_size, model.in_chans))
+  return model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, images)["params"]
+
+
+@pytest.mark.parametrize("size,total,encoder", [
+    ("vit_b", 111_655_680, 85_647_360),
+    ("vit_l", 329_239_296, 303_099_904),
+    ("vit_h", 656_613_964, 630_435_840),
+])
+def test_param_counts_equal_the_official_models(size, total, encoder):
+  model = from_config(config_lib.model_config(size))
+  shapes = jax.eval_shape(lambda: _init(model, batch=1))
+  assert _count(shapes) == total
+  assert _count({k: shapes[k] for k in ("embedding", "cls", "Transformer")}) == encoder
+
+
+def test_unpatchify_inverts_patchify_and_order_is_prow_pcol_channel():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 8, 3)), jnp.float32)
+  p = patchify(x, 4)
+  assert p.shape == (2, 6, 48)
+  np.testing.assert_array_equal(unpatchify(p, 4, (3, 2), 3), x)
+  # Patch 1 is row 0, column 1 of the grid; its vector is (p_row, p_col, channel).
+  np.testing.assert_array_equal(p[1, 1].reshape(4, 4, 3), x[1, 0:4, 4:8, :])
+
+
+def test_sincos_table_layout_is_mae_not_big_vision():
+  dim, grid = 16, (3, 5)
+  table = sincos_pos_embed_2d(dim, grid)
+  assert table.shape == (1 + 15, dim)
+  np.testing.assert_array_equal(table[0], 0)
+  omega = 1.0 / 10000**(np.arange(4) / 4.0)
+  h, w = 2, 3
+  row = table[1 + h * grid[1] + w]
+  expected = np.concatenate([np.sin(w * omega), np.cos(w * omega), np.sin(h * omega),
+                             np.cos(h * omega)])
+  np.testing.assert_allclose(row, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("length,ratio,keep", [(196, 0.75, 49), (256, 0.75, 64), (16, 0.5, 8),
+                                               (10, 0.0, 10), (7, 0.6, 2)])
+def test_num_kept_matches_official_int_rounding(length, ratio, keep):
+  assert num_kept(length, ratio) == keep == int(length * (1 - ratio))
+
+
+def test_masking_is_per_example_and_consistent_with_ids_restore():
+  b, length, d = 16, 49, 5
+  x = jnp.broadcast_to(jnp.arange(length, dtype=jnp.float32)[None, :, None], (b, length, d))
+  noise = jax.random.uniform(jax.random.key(0), (b, length))
+  visible, mask, ids_restore = random_masking(x, 0.75, noise)
+  keep = num_kept(length, 0.75)
+  assert visible.shape == (b, keep, d)
+  np.testing.assert_array_equal(mask.sum(1), length - keep)
+  kept_ids = np.asarray(visible[:, :, 0]).astype(int)
+  for i in range(b):
+    # Kept tokens are exactly the ones the mask marks visible, smallest noise first.
+    assert set(kept_ids[i]) == set(np.flatnonzero(np.asarray(mask[i]) == 0))
+    np.testing.assert_array_equal(kept_ids[i], np.argsort(np.asarray(noise[i]))[:keep])
+    # ids_restore inverts the shuffle.
+    shuffle = np.argsort(np.asarray(noise[i]))
+    np.testing.assert_array_equal(shuffle[np.asarray(ids_restore[i])], np.arange(length))
+  assert len({tuple(np.flatnonzero(np.asarray(m))) for m in mask}) == b
+
+
+def test_model_masks_differ_across_the_batch_without_noise():
+  model = MaskedAutoencoder(**TINY)
+  params = _init(model)
+  images = jnp.ones((8, 32, 32, 3))
+  _, _, mask = model.apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
+  assert len({tuple(np.asarray(m)) for m in mask}) > 1
+  _, _, mask2 = model.apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
+  np.testing.assert_array_equal(mask, mask2)
+
+
+def test_encoder_sees_only_visible_tokens_plus_cls():
+  model = MaskedAutoencoder(**TINY)
+  params = _init(model)
+  images = jnp.ones((3, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(0), (3, 16))
+  for ratio, keep in [(0.75, 4), (0.5, 8), (0.0, 16)]:
+    latent, mask, _ = model.apply({"params": params}, images, mask_ratio=ratio, noise=noise,
+                                  method=MaskedAutoencoder.encode)
+    assert latent.shape == (3, 1 + keep, 64)
+    assert mask.shape == (3, 16)
+  # The encoder's attention never runs over L tokens: trace its input shapes.
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.module.__class__.__name__ == "MultiHeadDotProductAttention":
+      seen.append((context.module.path, args[0].shape[1]))
+    return next_fun(*args, **kwargs)
+
+  import flax.linen as nn
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
+  encoder = [t for path, t in seen if path[0] == "Transformer"]
+  decoder = [t for path, t in seen if path[0] == "Decoder"]
+  assert encoder == [1 + 4] * 2 and decoder == [1 + 16] * 2
+
+
+def test_loss_gradient_is_zero_on_visible_patches():
+  model = MaskedAutoencoder(**TINY)
+  params = _init(model)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(2), (2, 16))
+  _, pred, mask = model.apply({"params": params}, images, noise=noise)
+  from mae_jax.models import mae_loss
+  grad = jax.grad(lambda p: mae_loss(images, p, mask, 8, True))(pred)
+  per_patch = np.abs(np.asarray(grad)).sum(-1)
+  assert np.all(per_patch[np.asarray(mask) == 0] == 0)
+  assert np.all(per_patch[np.asarray(mask) == 1] > 0)
+
+
+def test_norm_pix_uses_unbiased_variance_and_unnormalize_inverts_it():
+  patches = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 12)), jnp.float32)
+  t = normalized_targets(patches)
+  p = np.asarray(patches)
+  expected = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, ddof=1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(t, expected, rtol=1e-5)
+  images = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
+  target = normalized_targets(patchify(images, 4))
+  np.testing.assert_allclose(unnormalize_pred(target, images, 4), patchify(images, 4),
+                             atol=1e-5)
+
+
+def test_scan_remat_matches_unrolled_loss_and_gradients():
+  unrolled = MaskedAutoencoder(**TINY)
+  scanned = MaskedAutoencoder(**TINY, scan=True, remat=True)
+  params = _init(unrolled)
+  scan_params = unrolled_to_scan(params)
+  assert jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, _init(scanned))
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(2), (2, 16))
+
+  def loss_fn(model):
+    return lambda p: model.apply({"params": p}, images, noise=noise)[0]
+
+  l1, g1 = jax.value_and_grad(loss_fn(unrolled))(params)
+  l2, g2 = jax.value_and_grad(loss_fn(scanned))(scan_params)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g1,
+               scan_to_unrolled(g2))
+  jax.tree.map(np.testing.assert_array_equal, scan_to_unrolled(scan_params), params)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  params = _init(MaskedAutoencoder(**TINY))
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(2), (4, 16))
+  l32, p32, _ = MaskedAutoencoder(**TINY).apply({"params": params}, images, noise=noise)
+  l16, p16, _ = MaskedAutoencoder(**TINY, dtype=jnp.bfloat16).apply({"params": params}, images,
+                                                                    noise=noise)
+  assert p16.dtype == jnp.float32 and l16.dtype == jnp.float32
+  assert abs(float(l16) - float(l32)) / float(l32) < 1e-2
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+
+
+def test_init_follows_official_distributions():
+  model = MaskedAutoencoder(**dict(TINY, embed_dim=256, num_heads=4))
+  params = _init(model)
+  block = params["Transformer"]["encoderblock_0"]
+  attn = block["MultiHeadDotProductAttention_0"]
+  # qkv is one Linear(d, 3d) officially: xavier bound sqrt(6 / (d + 3d)).
+  q = np.asarray(attn["query"]["kernel"])
+  assert np.abs(q).max() <= math.sqrt(6 / (4 * 256)) + 1e-7
+  assert np.abs(q).max() > 0.9 * math.sqrt(6 / (4 * 256))
+  out = np.asarray(attn["out"]["kernel"])
+  assert np.abs(out).max() > math.sqrt(6 / (4 * 256)) * 1.1  # xavier over (d, d) is wider
+  emb = np.asarray(params["embedding"]["kernel"])
+  assert np.abs(emb).max() <= math.sqrt(6 / (8 * 8 * 3 + 256)) + 1e-7
+  for leaf in (attn["query"]["bias"], block["LayerNorm_0"]["bias"]):
+    np.testing.assert_array_equal(leaf, 0)
+  np.testing.assert_array_equal(block["LayerNorm_0"]["scale"], 1)
+  assert 0.015 < float(np.std(np.asarray(params["cls"]))) < 0.025
+  assert abs(float(np.std(np.asarray(params["mask_token"]))) - 0.02) < 0.01
+
+
+@pytest.mark.parametrize("kwargs,shape,message", [
+    (dict(mask_ratio=1.0), (1, 32, 32, 3), "mask_ratio"),
+    (dict(mask_ratio=-0.1), (1, 32, 32, 3), "mask_ratio"),
+    (dict(), (1, 32, 32, 1), "NHWC"),
+    (dict(), (1, 3, 32, 32), "NHWC"),
+])
+def test_bad_inputs_are_refused_with_a_clear_message(kwargs, shape, message):
+  model = MaskedAutoencoder(**TINY)
+  params = _init(model)
+  with pytest.raises(ValueError, match=message):
+    model.apply({"params": params}, jnp.zeros(shape), noise=jnp.zeros((1, 16)), **kwargs)
+
+
+def test_patch_size_that_does_not_divide_the_image_is_refused():
+  with pytest.raises(ValueError, match="patch_size"):
+    _init(MaskedAutoencoder(**dict(TINY, patch_size=7)))
