@@ -202,3 +202,59 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   ckpt = torch.load(path, map_location="cpu", weights_only=False)
   sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
   return {k: v.detach().cpu().float().numpy() for k, v in sd.items()}
+
+
+def main(argv) -> None:
+  """`python -m mae_jax.convert`: an official checkpoint -> a workdir that mae_jax starts from."""
+  del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mae_jax.models.mae import from_config  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  state_dict = load_torch_state_dict(_TORCH_CHECKPOINT.value)
+  params = params_from_torch(state_dict, scan=bool(config.model.scan))
+  model = from_config(config.model)
+  # Check every converted array against the shapes the config's model expects.
+  expected = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "mask": jax.random.key(0)},
+      jax.numpy.zeros((1, model.img_size, model.img_size, model.in_chans)))["params"])
+  problems = _shape_problems(params, expected)
+  if problems:
+    raise ValueError(f"{_TORCH_CHECKPOINT.value} does not fit --config's model "
+                     f"(check model size, patch_size and img_size): " + "; ".join(problems[:8]))
+  checkpoint.save_params(_WORKDIR.value, params, config)
+  kind = "full (encoder + decoder)" if "decoder_pred" in params else "encoder-only"
+  logging.info("wrote %s params (%d arrays) to %s", kind, len(jax.tree.leaves(params)),
+               _WORKDIR.value)
+
+
+def _shape_problems(params: Params, expected: Params, prefix: str = "") -> list:
+  """Differences between a converted tree and the expected one (missing parts are allowed for
+  an encoder-only checkpoint's decoder)."""
+  problems = []
+  for key, value in params.items():
+    path = f"{prefix}{key}"
+    if key not in expected:
+      problems.append(f"{path} is not in the model")
+    elif isinstance(value, dict):
+      problems.extend(_shape_problems(value, expected[key], path + "/"))
+    elif tuple(value.shape) != tuple(expected[key].shape):
+      problems.append(f"{path} has shape {tuple(value.shape)}, the model expects "
+                      f"{tuple(expected[key].shape)}")
+  return problems
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  _TORCH_CHECKPOINT = flags.DEFINE_string(
+      "torch_checkpoint", None, "An official .pth (or an .npz of official keys).", required=True)
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/vit_l.py).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.",
+                                 required=True)
+  flags.mark_flag_as_required("config")
+  app.run(main)

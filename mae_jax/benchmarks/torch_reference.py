@@ -1,0 +1,87 @@
+"""PyTorch reference for `mae_jax.benchmark`: transformers' ViTMAEForPreTraining (a faithful
+stand-in for the official models_mae.py), bf16 autocast on GPU, AdamW (fused on CUDA), the same
+model sizes, batch and timing rules as the JAX benchmark.
+
+    python -m mae_jax.benchmarks.torch_reference --size=vit_l --batch_size=256 --steps=20
+
+Last line: one JSON object with img_per_s, tflops, peak_memory_gb, step_s.
+"""
+
+import argparse
+import json
+import time
+
+from mae_jax import config_lib
+from mae_jax.benchmarks.flops import train_flops_per_image
+
+
+def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
+        compile_model: bool, img_size: int = 224) -> dict:
+  """Times `steps` training steps after `warmup` ones; returns the figures."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  m = config_lib.model_config(size, img_size=img_size)
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  config = transformers.ViTMAEConfig(
+      hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+      intermediate_size=int(m.embed_dim * m.mlp_ratio), image_size=m.img_size,
+      patch_size=m.patch_size, num_channels=m.in_chans, decoder_hidden_size=m.decoder_embed_dim,
+      decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
+      decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio), layer_norm_eps=1e-6,
+      norm_pix_loss=m.norm_pix_loss, mask_ratio=mask_ratio, attn_implementation="sdpa")
+  model = transformers.ViTMAEForPreTraining(config).to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                          fused=cuda)
+  images = torch.randn(batch_size, m.in_chans, m.img_size, m.img_size, device=device)
+  dtype = torch.bfloat16 if cuda else torch.float32
+
+  def step():
+    with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+      loss = model(pixel_values=images).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  fn = torch.compile(step) if compile_model else step
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    fn()
+  if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+  warm_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  if cuda:
+    torch.cuda.synchronize()
+  dt = (time.perf_counter() - t0) / steps
+  flops = train_flops_per_image(m, mask_ratio) * batch_size / dt
+  return dict(impl="torch" + ("_compile" if compile_model else ""), size=size,
+              batch_size=batch_size, mask_ratio=mask_ratio, step_s=dt,
+              img_per_s=batch_size / dt, tflops=flops / 1e12,
+              peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
+              warmup_s=warm_s, device=torch.cuda.get_device_name() if cuda else "cpu",
+              torch=torch.__version__, transformers=transformers.__version__)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", default="vit_l", choices=sorted(config_lib.MODEL_SIZES))
+  parser.add_argument("--batch_size", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--mask_ratio", type=float, default=0.75)
+  parser.add_argument("--img_size", type=int, default=224)
+  parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+  args = parser.parse_args()
+  result = run(args.size, args.batch_size, args.steps, args.warmup, args.mask_ratio,
+               args.compile, args.img_size)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
