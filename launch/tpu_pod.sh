@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# mae_jax on a Cloud TPU VM slice: create the slice (directly, or as a queued resource), install
+# mae_jax on every worker, and run the same `python3 -m mae_jax.main` on all of them at once.
+# Every worker is one JAX process; mae_jax.distributed finds the others by itself.
+#
+#   launch/tpu_pod.sh --name=NAME --zone=ZONE --accelerator_type=v4-32 --repo=GIT_URL \
+#     --config=configs/vit_l.py --workdir=gs://BUCKET/vit_l [options] [-- --config.FIELD=V ...]
+#
+# Options:
+#   --name=NAME               TPU VM (and queued resource) name                       [required]
+#   --zone=ZONE               e.g. us-central2-b (v4), us-west4-a (v5e)               [required]
+#   --accelerator_type=TYPE   v4-32, v5p-128, v5litepod-256 (v5e-256 works too), v6e-64, ...
+#                                                                                     [required]
+#   --runtime_version=V       TPU software version; default from the TPU generation:
+#                             tpu-ubuntu2204-base (v2-v4), v2-alpha-tpuv5-lite (v5e),
+#                             v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e)
+#   --project=PROJECT         default: gcloud's configured project
+#   --queued                  request the slice as a queued resource and wait until ACTIVE
+#   --spot                    Spot capacity (cheaper; preemptible: training resumes from its
+#                             workdir when the same command is run again)
+#   --repo=GIT_URL            mae_jax repository every worker clones        [required: install]
+#   --branch=BRANCH           default: main
+#   --config=FILE             config file, relative to the repository          [required: run]
+#   --workdir=gs://...        checkpoints and logs; every worker must reach it [required: run]
+#   --steps=LIST              comma-separated subset of create,install,run (default: all three)
+#   --detach                  start training in the background on every worker (output in
+#                             ~/mae_jax.log there) and return, instead of streaming it here
+#   --dry_run                 print every command instead of running it
+# Arguments after `--` go to mae_jax.main unchanged.
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+}
+
+die() {
+  echo "tpu_pod.sh: $*" >&2
+  exit 2
+}
+
+name="" zone="" accelerator_type="" runtime_version="" project=""
+repo="" branch=main config="" workdir="" steps=create,install,run
+queued=false spot=false detach=false dry_run=false
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name=*) name=${1#*=} ;;
+    --zone=*) zone=${1#*=} ;;
+    --accelerator_type=*) accelerator_type=${1#*=} ;;
+    --runtime_version=*) runtime_version=${1#*=} ;;
+    --project=*) project=${1#*=} ;;
+    --repo=*) repo=${1#*=} ;;
+    --branch=*) branch=${1#*=} ;;
+    --config=*) config=${1#*=} ;;
+    --workdir=*) workdir=${1#*=} ;;
+    --steps=*) steps=${1#*=} ;;
+    --queued) queued=true ;;
+    --spot) spot=true ;;
+    --detach) detach=true ;;
+    --dry_run) dry_run=true ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) usage; die "unknown argument '$1' (options take the form --flag=value)." ;;
+  esac
+  shift
+done
+extra_args=("$@")
+
+[[ -n $name ]] || die "--name is required (the TPU VM to create or use)."
+[[ -n $zone ]] || die "--zone is required, e.g. --zone=us-central2-b."
+for step in ${steps//,/ }; do
+  [[ $step =~ ^(create|install|run)$ ]] ||
+    die "--steps=$steps: '$step' is not one of create, install, run."
+done
+has_step() { [[ ,$steps, == *,$1,* ]]; }
+
+# gcloud calls the v5e "v5litepod".
+accelerator_type=${accelerator_type/#v5e-/v5litepod-}
+if has_step create; then
+  [[ $accelerator_type =~ ^(v2|v3|v4|v5p|v5litepod|v6e)-[0-9]+$ ]] ||
+    die "--accelerator_type='$accelerator_type' is not a TPU type such as v4-32 or v5litepod-256."
+  if [[ -z $runtime_version ]]; then
+    case "${accelerator_type%-*}" in
+      v2 | v3 | v4) runtime_version=tpu-ubuntu2204-base ;;
+      v5litepod) runtime_version=v2-alpha-tpuv5-lite ;;
+      v5p) runtime_version=v2-alpha-tpuv5 ;;
+      v6e) runtime_version=v2-alpha-tpuv6e ;;
+    esac
+  fi
+  # v2-v4 and v5p types count TensorCores (2 a chip), v5e and v6e count chips; multi-host
+  # slices have 4 chips a host, single hosts up to 8.
+  size=${accelerator_type##*-}
+  case "${accelerator_type%-*}" in
+    v5litepod | v6e) chips=$size ;;
+    *) chips=$((size / 2)) ;;
+  esac
+  hosts=$((chips <= 8 ? 1 : chips / 4))
+  echo "# $accelerator_type: $chips chips on $hosts TPU VM worker(s), one JAX process each."
+fi
+if has_step install; then
+  [[ -n $repo ]] || die "--repo is required to install mae_jax (a git URL every worker can clone)."
+fi
+if has_step run; then
+  [[ -n $config ]] || die "--config is required to run, e.g. --config=configs/vit_l.py."
+  [[ -n $workdir ]] || die "--workdir is required to run, e.g. --workdir=gs://BUCKET/vit_l."
+  [[ $workdir == gs://* ]] ||
+    echo "tpu_pod.sh: warning: --workdir=$workdir is not on GCS; every worker must see the same" \
+      "directory, so use gs://BUCKET/... unless it is a shared file system." >&2
+fi
+
+gcloud_flags=(--zone="$zone")
+[[ -z $project ]] || gcloud_flags+=(--project="$project")
+
+# One word as a shell reads it back: bare when safe, else single-quoted; for --flag=value only
+# the value is quoted, so that a printed command reads like a typed one.
+quote() {
+  local prefix="" word=$1 q="'"
+  if [[ $word =~ ^(--[A-Za-z0-9_-]+=)(.*)$ ]]; then
+    prefix=${BASH_REMATCH[1]}
+    word=${BASH_REMATCH[2]}
+  fi
+  if [[ ! $word =~ ^[A-Za-z0-9_./:=@,+-]+$ ]]; then
+    word="$q${word//$q/$q\\$q$q}$q"
+  fi
+  printf '%s%s' "$prefix" "$word"
+}
+
+# Runs a command, or in a dry run prints it as a line a shell would run unchanged.
+run() {
+  if $dry_run; then
+    local line=() word
+    for word in "$@"; do
+      line+=("$(quote "$word")")
+    done
+    echo "${line[*]}"
+  else
+    "$@"
+  fi
+}
+
+# Runs a shell command line on every worker of the slice at once.
+on_all_workers() {
+  run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$1"
+}
+
+if has_step create; then
+  spot_flag=()
+  ! $spot || spot_flag=(--spot)
+  if $queued; then
+    run gcloud compute tpus queued-resources create "$name" --node-id="$name" \
+      "${gcloud_flags[@]}" --accelerator-type="$accelerator_type" \
+      --runtime-version="$runtime_version" "${spot_flag[@]}"
+    describe=(gcloud compute tpus queued-resources describe "$name" "${gcloud_flags[@]}"
+              --format='value(state.state)')
+    if $dry_run; then
+      echo "# repeated every 60 s until it prints ACTIVE:"
+      run "${describe[@]}"
+    else
+      while state=$("${describe[@]}") && [[ $state != ACTIVE ]]; do
+        [[ $state != FAILED && $state != SUSPENDED ]] ||
+          die "queued resource $name is $state; inspect it with: gcloud compute tpus queued-resources describe $name ${gcloud_flags[*]}"
+        echo "tpu_pod.sh: queued resource $name is $state; waiting." >&2
+        sleep 60
+      done
+    fi
+  else
+    run gcloud compute tpus tpu-vm create "$name" "${gcloud_flags[@]}" \
+      --accelerator-type="$accelerator_type" --version="$runtime_version" "${spot_flag[@]}"
+  fi
+fi
+
+if has_step install; then
+  # A fresh clone, or the branch's newest commit in an existing one; then JAX for TPUs and
+  # mae_jax, editable so that configs/ stays next to the code.
+  on_all_workers "set -e; if [ -d ~/mae_jax/.git ]; then \
+git -C ~/mae_jax fetch --depth=1 origin $(quote "$branch") \
+&& git -C ~/mae_jax checkout --force -B $(quote "$branch") FETCH_HEAD; \
+else git clone --depth=1 --branch=$(quote "$branch") $(quote "$repo") ~/mae_jax; fi; \
+python3 -m pip install --upgrade pip; \
+python3 -m pip install --upgrade \"jax[tpu]\" -e ~/mae_jax"
+fi
+
+if has_step run; then
+  main="python3 -m mae_jax.main"
+  for word in --config="$config" --workdir="$workdir" "${extra_args[@]}"; do
+    main+=" $(quote "$word")"
+  done
+  if $detach; then
+    on_all_workers "cd ~/mae_jax && nohup $main > ~/mae_jax.log 2>&1 < /dev/null &"
+  else
+    on_all_workers "cd ~/mae_jax && $main"
+  fi
+fi
+
+if $dry_run || has_step create; then
+  echo "# When done, delete the slice (billing continues until then):"
+  if $queued; then
+    echo "#   gcloud compute tpus queued-resources delete $name ${gcloud_flags[*]} --force --quiet"
+  else
+    echo "#   gcloud compute tpus tpu-vm delete $name ${gcloud_flags[*]} --quiet"
+  fi
+fi

@@ -1,0 +1,308 @@
+"""launch/ scripts and mae_jax.distributed: shellcheck, the TPU dry run, detection, a real CPU pod."""
+
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import pytest
+
+from mae_jax import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+
+
+def _env(**extra) -> dict[str, str]:
+  """This environment without any multi-host settings, plus `extra`."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("MAE_JAX_", "SLURM_", "JAX_COORDINATOR"))}
+  env.update(extra)
+  return env
+
+
+def test_every_launcher_is_here():
+  assert SCRIPTS == ["local_pod.sh", "slurm_gpu.sbatch", "tpu_pod.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_passes_shellcheck(script):
+  shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"
+  result = subprocess.run([str(shellcheck), "--severity=style", str(LAUNCH / script)],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert os.access(LAUNCH / script, os.X_OK), f"{script} is not executable"
+
+
+# --- launch/tpu_pod.sh --dry_run ------------------------------------------------------------
+
+def _dry_run(*args: str) -> tuple[list[str], list[list[str]]]:
+  """The dry run's comment lines and its commands, each split as a shell would."""
+  result = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "--dry_run", *args], capture_output=True,
+                          text=True, check=True, env=_env())
+  lines = result.stdout.splitlines()
+  return ([l for l in lines if l.startswith("#")],
+          [shlex.split(l) for l in lines if not l.startswith("#")])
+
+
+def _remote(command: list[str]) -> list[str]:
+  """The shell line an `ssh --command=...` runs on the workers, split into words."""
+  flag = [w for w in command if w.startswith("--command=")]
+  assert len(flag) == 1, command
+  return shlex.split(flag[0].removeprefix("--command="))
+
+
+def _check_install_and_run(install, run, name, zone, extra_flags, branch, repo, main_args):
+  ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, f"--zone={zone}", *extra_flags,
+         "--worker=all"]
+  assert install[:-1] == ssh and run[:-1] == ssh
+  words = _remote(install)
+  clone = ["git", "clone", "--depth=1", f"--branch={branch}", repo, "~/mae_jax;"]
+  assert any(words[i:i + len(clone)] == clone for i in range(len(words))), words
+  assert words[-5:] == ["install", "--upgrade", "jax[tpu]", "-e", "~/mae_jax"]
+  assert "git -C ~/mae_jax checkout --force -B " + branch in " ".join(words)
+  assert _remote(run) == ["cd", "~/mae_jax", "&&", "python3", "-m", "mae_jax.main", *main_args]
+
+
+def test_tpu_dry_run_v4_32():
+  notes, commands = _dry_run(
+      "--name=mae-v4", "--zone=us-central2-b", "--accelerator_type=v4-32",
+      "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_l.py",
+      "--workdir=gs://bucket/vit_l", "--", "--config.input.batch_size=4096",
+      "--config.note=it's a test")
+  assert notes[0] == "# v4-32: 16 chips on 4 TPU VM worker(s), one JAX process each."
+  assert len(commands) == 3
+  create, install, run = commands
+  assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "mae-v4",
+                    "--zone=us-central2-b", "--accelerator-type=v4-32",
+                    "--version=tpu-ubuntu2204-base"]
+  _check_install_and_run(
+      install, run, "mae-v4", "us-central2-b", [], "main",
+      "https://github.com/someone/mae_jax.git",
+      ["--config=configs/vit_l.py", "--workdir=gs://bucket/vit_l",
+       "--config.input.batch_size=4096", "--config.note=it's a test"])
+  assert "gcloud compute tpus tpu-vm delete mae-v4 --zone=us-central2-b" in notes[-1]
+
+
+@pytest.mark.parametrize("accelerator_type", ["v5litepod-256", "v5e-256"])
+def test_tpu_dry_run_v5e_256_queued(accelerator_type):
+  notes, commands = _dry_run(
+      "--name=mae-v5e", "--zone=us-west4-a", "--project=my-project",
+      f"--accelerator_type={accelerator_type}", "--queued", "--spot", "--branch=dev",
+      "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_h.py",
+      "--workdir=gs://bucket/vit_h")
+  assert notes[0] == "# v5litepod-256: 256 chips on 64 TPU VM worker(s), one JAX process each."
+  assert len(commands) == 4
+  create, describe, install, run = commands
+  where = ["--zone=us-west4-a", "--project=my-project"]
+  assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "mae-v5e",
+                    "--node-id=mae-v5e", *where, "--accelerator-type=v5litepod-256",
+                    "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+  assert describe == ["gcloud", "compute", "tpus", "queued-resources", "describe", "mae-v5e",
+                      *where, "--format=value(state.state)"]
+  _check_install_and_run(install, run, "mae-v5e", "us-west4-a", ["--project=my-project"], "dev",
+                         "https://github.com/someone/mae_jax.git",
+                         ["--config=configs/vit_h.py", "--workdir=gs://bucket/vit_h"])
+  assert "gcloud compute tpus queued-resources delete mae-v5e" in notes[-1]
+
+
+def test_tpu_dry_run_detached_run_step_only():
+  _, commands = _dry_run("--name=n", "--zone=z", "--steps=run", "--detach",
+                         "--config=configs/vit_b.py", "--workdir=gs://b/w")
+  assert len(commands) == 1
+  assert _remote(commands[0]) == [
+      "cd", "~/mae_jax", "&&", "nohup", "python3", "-m", "mae_jax.main",
+      "--config=configs/vit_b.py", "--workdir=gs://b/w", ">", "~/mae_jax.log", "2>&1", "<",
+      "/dev/null", "&"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone=z", "--accelerator_type=v4-8"], "--name is required"),
+    (["--name=n", "--zone=z", "--accelerator_type=v4"], "is not a TPU type"),
+    (["--name=n", "--zone=z", "--steps=create,train"], "'train' is not one of"),
+    (["--name=n", "--zone=z", "--steps=install"], "--repo is required"),
+    (["--name=n", "--zone=z", "--steps=run", "--config=c.py"], "--workdir is required"),
+    (["--name=n", "--zone=z", "--bogus"], "unknown argument '--bogus'"),
+])
+def test_tpu_script_explains_bad_arguments(args, message):
+  result = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "--dry_run", *args], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert "gcloud" not in result.stdout
+
+
+# --- mae_jax.distributed.plan ---------------------------------------------------------------
+
+EXPLICIT = {distributed.ENV_COORDINATOR: "10.0.0.1:1234", distributed.ENV_NUM_PROCESSES: "2",
+            distributed.ENV_PROCESS_ID: "1"}
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "16",
+         "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2",
+         "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+
+
+def test_lone_process_is_left_alone():
+  assert distributed.plan({}) == distributed.Plan("single")
+  assert distributed.plan({distributed.ENV_NUM_CPU_DEVICES: "8"}) == distributed.Plan(
+      "single", num_cpu_devices=8)
+  assert distributed.plan({distributed.ENV_NUM_PROCESSES: "1"}).source == "single"
+
+
+def test_explicit_coordinates_from_env_and_arguments():
+  assert distributed.plan(EXPLICIT) == distributed.Plan("explicit", "10.0.0.1:1234", 2, 1)
+  cpu_pod = distributed.plan({**EXPLICIT, distributed.ENV_NUM_CPU_DEVICES: "4"})
+  assert (cpu_pod.num_cpu_devices, cpu_pod.cpu_collectives) == (4, True)
+  assert distributed.plan({**EXPLICIT, "JAX_PLATFORMS": "cpu"}).cpu_collectives
+  # Arguments (flags) win over the environment.
+  assert distributed.plan(EXPLICIT, process_id=0, num_processes=3) == distributed.Plan(
+      "explicit", "10.0.0.1:1234", 3, 0)
+  assert distributed.plan({}, coordinator_address="h:1", num_processes=2,
+                          process_id=0).coordinator_address == "h:1"
+
+
+def test_explicit_beats_slurm_and_cloud_tpu():
+  assert distributed.plan({**SLURM, **EXPLICIT}, on_cloud_tpu=True).source == "explicit"
+  assert distributed.plan(SLURM, on_cloud_tpu=True).source == "slurm"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({distributed.ENV_COORDINATOR: "h:1"},
+     "missing --num_processes ($MAE_JAX_NUM_PROCESSES), --process_id ($MAE_JAX_PROCESS_ID)"),
+    ({**EXPLICIT, distributed.ENV_PROCESS_ID: "2"}, "process_id=2 must lie in [0, num_processes=2)"),
+    ({**EXPLICIT, distributed.ENV_NUM_PROCESSES: "two"}, "MAE_JAX_NUM_PROCESSES='two' is not an"),
+    ({distributed.ENV_NUM_CPU_DEVICES: "0"}, "to at least 1"),
+])
+def test_bad_explicit_settings_say_what_to_fix(env, message):
+  with pytest.raises(ValueError) as error:
+    distributed.plan(env)
+  assert message in str(error.value)
+
+
+def test_slurm_one_process_per_gpu_lets_jax_pick_the_gpu():
+  assert distributed.plan(SLURM) == distributed.Plan("slurm")
+
+
+def test_slurm_one_process_per_node_gets_every_gpu():
+  per_node = {**SLURM, "SLURM_NTASKS": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  assert distributed.plan(per_node).local_device_ids == (0, 1, 2, 3)
+  del per_node["CUDA_VISIBLE_DEVICES"]
+  assert distributed.plan({**per_node, "SLURM_GPUS_ON_NODE": "8"}).local_device_ids == tuple(
+      range(8))
+
+
+@pytest.mark.parametrize("env", [
+    {**SLURM, "SLURM_NTASKS": "1"},                                 # a one-task job
+    {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"},  # the batch shell, not srun
+])
+def test_slurm_without_several_srun_tasks_is_a_lone_process(env):
+  assert distributed.plan(env).source == "single"
+
+
+def test_slurm_detection_agrees_with_jax(monkeypatch):
+  # Our "slurm" plan hands over to jax's own detection, so jax must recognise the same env.
+  from jax._src.clusters import slurm_cluster  # pylint: disable=g-import-not-at-top
+  for key in [k for k in os.environ if k.startswith("SLURM_")]:
+    monkeypatch.delenv(key)
+  for key, value in SLURM.items():
+    monkeypatch.setenv(key, value)
+  assert slurm_cluster.SlurmCluster.is_env_present()
+  assert slurm_cluster.SlurmCluster.get_process_count() == 16
+  assert slurm_cluster.SlurmCluster.get_coordinator_address(None, None).startswith("gpu001:")
+  monkeypatch.delenv("SLURM_STEP_NODELIST")
+  assert not slurm_cluster.SlurmCluster.is_env_present()
+
+
+def test_cloud_tpu_vm_hands_over_to_jax():
+  assert distributed.plan({}, on_cloud_tpu=True) == distributed.Plan("cloud_tpu")
+
+
+def test_initialize_is_a_no_op_for_a_lone_process(monkeypatch):
+  for key in [k for k in os.environ if k.startswith(("MAE_JAX_", "SLURM_"))]:
+    monkeypatch.delenv(key)
+  assert distributed.initialize() == distributed.Plan("single")
+  assert not jax.distributed.is_initialized()
+
+
+def test_initialize_reads_its_flags():
+  # Flags count once parsed (by main.py's app.run); an incomplete set names what is missing.
+  program = ("from absl import app; from mae_jax import distributed; "
+             "app.run(lambda argv: distributed.initialize())")
+  result = subprocess.run([sys.executable, "-c", program, "--num_processes=2", "--process_id=1"],
+                          capture_output=True, text=True, check=False, env=_env())
+  assert result.returncode != 0
+  assert "missing --coordinator_address ($MAE_JAX_COORDINATOR)" in result.stderr
+
+
+# --- launch/local_pod.sh --------------------------------------------------------------------
+
+def _local_pod(tmp_path, module_source: str, *args: str, timeout: float = 120):
+  """Runs local_pod.sh with a module written to tmp_path; returns the finished process."""
+  (tmp_path / "pod_probe.py").write_text(textwrap.dedent(module_source))
+  env = _env(PYTHON=sys.executable, PYTHONPATH=str(tmp_path))
+  return subprocess.run([str(LAUNCH / "local_pod.sh"), *args, "--module=pod_probe", "--"],
+                        capture_output=True, text=True, check=False, env=env, timeout=timeout)
+
+
+def test_local_pod_joins_processes_into_one_jax_job(tmp_path):
+  result = _local_pod(tmp_path, """
+      import jax, numpy as np
+      from mae_jax import distributed
+      plan = distributed.initialize()
+      mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+      # Process i contributes i + 1 on each of its devices; the sum needs every process.
+      local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
+      total = jax.jit(lambda x: x.sum())(
+          jax.make_array_from_process_local_data(sharding, local))
+      print("RESULT", plan.source, jax.process_index(), jax.process_count(),
+            jax.local_device_count(), jax.device_count(), float(total))
+      """, "2", "--devices_per_process=3")
+  assert result.returncode == 0, result.stdout + result.stderr
+  results = sorted(l for l in result.stdout.splitlines() if "RESULT" in l)
+  assert results == ["[0/2] RESULT explicit 0 2 3 6 9.0", "[1/2] RESULT explicit 1 2 3 6 9.0"]
+
+
+def test_local_pod_stops_everything_when_one_process_fails(tmp_path):
+  start = time.monotonic()
+  result = _local_pod(tmp_path, """
+      import os, sys, time
+      if os.environ["MAE_JAX_PROCESS_ID"] == "1":
+        sys.exit(3)
+      time.sleep(100)
+      """, "3")
+  assert result.returncode == 3
+  assert time.monotonic() - start < 30
+  assert "process 1/3" in result.stderr and "failed with exit status 3" in result.stderr
+
+
+def test_local_pod_passes_sigterm_to_every_process(tmp_path):
+  (tmp_path / "pod_probe.py").write_text(textwrap.dedent("""
+      import os, signal, sys, time
+      signal.signal(signal.SIGTERM, lambda *_: (print("preempted", flush=True), sys.exit(0)))
+      print("ready", flush=True)
+      time.sleep(100)
+      """))
+  env = _env(PYTHON=sys.executable, PYTHONPATH=str(tmp_path))
+  pod = subprocess.Popen([str(LAUNCH / "local_pod.sh"), "2", "--module=pod_probe"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  ready = [pod.stdout.readline() for _ in range(2)]
+  assert sorted(ready) == ["[0/2] ready\n", "[1/2] ready\n"]
+  pod.send_signal(signal.SIGTERM)
+  stdout, _ = pod.communicate(timeout=30)
+  assert pod.returncode == 0
+  assert sorted(stdout.splitlines()) == ["[0/2] preempted", "[1/2] preempted"]
+
+
+@pytest.mark.parametrize("args", [[], ["x"], ["2", "3"], ["0"], ["2", "--devices_per_process=0"]])
+def test_local_pod_rejects_bad_arguments(args):
+  result = subprocess.run([str(LAUNCH / "local_pod.sh"), *args, "--", "--config=c.py"],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert "local_pod.sh:" in result.stderr
