@@ -249,24 +249,49 @@ def _local_pod(tmp_path, module_source: str, *args: str, timeout: float = 120):
                         capture_output=True, text=True, check=False, env=env, timeout=timeout)
 
 
+# Prints, per process, how it joined and a sum over every device of the job.
+JOB_PROBE = """
+    import jax, numpy as np
+    from mae_jax import distributed
+    plan = distributed.initialize()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    # Process i contributes i + 1 on each of its devices; the sum needs every process.
+    local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
+    total = jax.jit(lambda x: x.sum())(jax.make_array_from_process_local_data(sharding, local))
+    print("RESULT", plan.source, jax.process_index(), jax.process_count(),
+          jax.local_device_count(), jax.device_count(), float(total))
+    """
+
+
 def test_local_pod_joins_processes_into_one_jax_job(tmp_path):
-  result = _local_pod(tmp_path, """
-      import jax, numpy as np
-      from mae_jax import distributed
-      plan = distributed.initialize()
-      mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-      # Process i contributes i + 1 on each of its devices; the sum needs every process.
-      local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
-      total = jax.jit(lambda x: x.sum())(
-          jax.make_array_from_process_local_data(sharding, local))
-      print("RESULT", plan.source, jax.process_index(), jax.process_count(),
-            jax.local_device_count(), jax.device_count(), float(total))
-      """, "2", "--devices_per_process=3")
+  result = _local_pod(tmp_path, JOB_PROBE, "2", "--devices_per_process=3")
   assert result.returncode == 0, result.stdout + result.stderr
   results = sorted(l for l in result.stdout.splitlines() if "RESULT" in l)
   assert results == ["[0/2] RESULT explicit 0 2 3 6 9.0", "[1/2] RESULT explicit 1 2 3 6 9.0"]
+
+
+@pytest.mark.parametrize("tasks_per_node", [2, 1])
+def test_srun_environment_starts_a_real_job(tmp_path, tasks_per_node):
+  # What srun sets for 2 tasks, on 1 node (a task per GPU) or on 2 "nodes" (a task per node),
+  # here all on localhost with 2 CPU devices a task.
+  (tmp_path / "pod_probe.py").write_text(textwrap.dedent(JOB_PROBE))
+  port = subprocess.run(
+      [sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
+       "print(s.getsockname()[1])"], capture_output=True, text=True, check=True).stdout.strip()
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "pod_probe"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=_env(
+          PYTHONPATH=str(tmp_path), JAX_PLATFORMS="cpu", MAE_JAX_NUM_CPU_DEVICES="2",
+          JAX_COORDINATOR_PORT=port, SLURM_JOB_ID="77", SLURM_STEP_NODELIST="localhost",
+          SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i % tasks_per_node),
+          SLURM_STEP_NUM_NODES=str(2 // tasks_per_node), CUDA_VISIBLE_DEVICES="0,1"))
+      for i in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  results = [l for out in outputs for l in out.splitlines() if l.startswith("RESULT")]
+  assert results == ["RESULT slurm 0 2 2 4 6.0", "RESULT slurm 1 2 2 4 6.0"]
 
 
 def test_local_pod_stops_everything_when_one_process_fails(tmp_path):
