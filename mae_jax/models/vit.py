@@ -120,6 +120,7 @@ class Transformer(nn.Module):
 
   Unrolled params are `{prefix}block_{i}/...`; scanned ones are `{prefix}block/...` with the
   layer index as leading axis (convert with `mae_jax.models.scan_to_unrolled` and back).
+  `final_norm=False` leaves out `{prefix}_norm`, as the official global-pool classifier does.
   """
   depth: int
   num_heads: int
@@ -130,6 +131,7 @@ class Transformer(nn.Module):
   remat: bool = False
   drop_path: float = 0.0
   attention_impl: Optional[str] = None
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -149,4 +151,6 @@ class Transformer(nn.Module):
       for i in range(self.depth):
         rate = self.drop_path * i / max(self.depth - 1, 1)
         x, _ = block(name=f"{self.prefix}block_{i}", drop_path=rate, **kwargs)(x, deterministic)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
