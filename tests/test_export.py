@@ -1,0 +1,139 @@
+"""The exported encoder drops into a ViT written against the big_vision layout."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mae_jax
+from mae_jax import checkpoint, config_lib, export
+from mae_jax.models import MaskedAutoencoder, from_config
+from mae_jax.models.classifier import VisionTransformer
+
+MODEL = config_lib.model_config("vit_b", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                                decoder_num_heads=4, dtype="float32")
+
+
+# A ViT in big_vision's layout, written here from its parameter names alone: Conv patch
+# embedding, learned posemb added to the patch tokens, cls prepended, pre-norm blocks of flax's
+# own MultiHeadDotProductAttention (DenseGeneral kernels), final encoder_norm.
+class Mlp(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.gelu(nn.Dense(self.mlp_dim)(x), approximate=False)
+    return nn.Dense(x.shape[-1])(y)
+
+
+class Block(nn.Module):
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(epsilon=1e-6)(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
+    return x + Mlp(self.mlp_dim, name="MlpBlock_0")(nn.LayerNorm(epsilon=1e-6)(x))
+
+
+class Encoder(nn.Module):
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, name=f"encoderblock_{i}")(x)
+    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x)
+
+
+class BigVisionViT(nn.Module):
+  patch: int
+  width: int
+  depth: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", name="embedding")(images)
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w, c))
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
+    return Encoder(self.depth, self.num_heads, 4 * c, name="Transformer")(x)
+
+
+def _random_params(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+
+
+def _mae_params():
+  shapes = jax.eval_shape(from_config(MODEL).init, {"params": jax.random.key(0),
+                                                    "mask": jax.random.key(0)},
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  return _random_params(shapes)
+
+
+def test_exported_npz_gives_the_mae_encoder_features_in_a_big_vision_vit(tmp_path):
+  params = _mae_params()
+  config = config_lib.pretrain_config("vit_b")
+  config.model = MODEL
+  workdir, npz = str(tmp_path / "pretrain"), str(tmp_path / "encoder.npz")
+  checkpoint.save_params(workdir, params, config)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "mae_jax.export", f"--workdir={workdir}",
+                        f"--output={npz}"], capture_output=True, text=True, env=env, check=True)
+  assert "wrote" in out.stdout
+  with np.load(npz) as f:
+    keys = set(f.files)
+    assert f["Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/kernel"].shape == (
+        64, 4, 16)
+    assert f["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel"].shape == (
+        4, 16, 64)
+    assert f["pos_embedding"].shape == (1, 16, 64)
+  assert not any(k.startswith(("Decoder", "decoder", "mask_token")) for k in keys)
+
+  encoder = mae_jax.load_encoder_params(npz)
+  vit = BigVisionViT(patch=8, width=64, depth=2, num_heads=4)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  expected_shapes = jax.eval_shape(vit.init, jax.random.key(0), images)["params"]
+  # Exactly big_vision's names and shapes: nothing missing, nothing extra.
+  assert jax.tree.map(lambda x: x.shape, expected_shapes) == jax.tree.map(np.shape, encoder)
+  tokens = jax.jit(vit.apply)({"params": encoder}, images)
+  noise = jnp.broadcast_to(jnp.linspace(0.0, 0.9, 16), (2, 16))  # keeps the token order
+  latent, _, _ = jax.jit(lambda p, x: from_config(MODEL).apply(
+      {"params": p}, x, mask_ratio=0.0, noise=noise, method=MaskedAutoencoder.encode))(
+          params, images)
+  np.testing.assert_allclose(tokens, latent, atol=2e-5, rtol=1e-5)
+  # The same tree straight from the workdir.
+  jax.tree.map(np.testing.assert_array_equal, mae_jax.load_encoder_params(workdir), encoder)
+
+
+def test_classifier_params_export_with_their_learned_table_and_head():
+  images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  kwargs = dict(num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+  gap = VisionTransformer(**kwargs, global_pool=True)
+  gap_params = _random_params(jax.eval_shape(gap.init, jax.random.key(0), images)["params"])
+  gap_encoder = export.to_big_vision(gap_params, num_heads=4)
+  assert "encoder_norm" not in gap_encoder["Transformer"]
+  assert {"fc_norm", "head"} <= set(gap_encoder)
+  model = VisionTransformer(**kwargs, global_pool=False)
+  params = _random_params(jax.eval_shape(model.init, jax.random.key(0), images)["params"], 3)
+  assert np.abs(params["pos_embedding"][0, 0]).max() > 0.1  # a learned cls row
+  encoder = export.to_big_vision(params, num_heads=4)
+  vit = BigVisionViT(patch=8, width=64, depth=2, num_heads=4)
+  # The cls row of the learned table is folded into cls: the same tokens.
+  tokens = jax.jit(vit.apply)({"params": {k: v for k, v in encoder.items() if k != "head"}},
+                              images)
+  np.testing.assert_allclose(tokens, jax.jit(lambda p, x: model.apply(
+      {"params": p}, x, method=VisionTransformer.encode))(params, images), atol=2e-5, rtol=1e-5)
