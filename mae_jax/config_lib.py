@@ -41,6 +41,7 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
   ))
   c.num_epochs = 800
   c.warmup_epochs = 40
+  c.warmup_steps = 0            # > 0 overrides warmup_epochs
   c.total_steps = 0             # 0 = derive from num_epochs and the dataset size
   c.optimizer = ml_collections.ConfigDict(dict(
       blr=1.5e-4,               # lr = blr * global_batch / 256

@@ -1,0 +1,36 @@
+"""Entry point: `python -m mae_jax.main --config=configs/X.py --workdir=DIR [--config.FIELD=V]`.
+
+Runs the job the config chooses (`config.mode`) in DIR, resuming from its newest checkpoint.
+On a multi-host job every process runs the same command (see mae_jax.distributed).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mae_jax import distributed
+from mae_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_JOBS = {"pretrain": train.train_and_evaluate}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["stderrthreshold"].present:
+    logging.set_stderrthreshold(logging.INFO)  # the training log belongs on the terminal
+  config = _CONFIG.value
+  if config.mode not in _JOBS:
+    raise app.UsageError(f"config.mode={config.mode!r} is not one of {sorted(_JOBS)}.")
+  distributed.initialize()  # before anything touches a device
+  _JOBS[config.mode](config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,166 @@
+"""Reconstruction figures as in the paper's Figure 2, from any checkpoint.
+
+    python -m mae_jax.visualize --workdir=DIR [--images a.jpg b.png] [--output=FILE.png]
+
+Each row: original | masked | reconstruction | reconstruction with the visible patches pasted
+back. norm_pix predictions are mapped back to pixels with each target patch's own mean and
+variance, and the ImageNet normalization is undone. DIR is a training workdir (its newest
+checkpoint) or one written by `mae_jax.convert` (official `*_full` checkpoints carry the decoder
+that this needs). Without --images a few of scikit-image's sample photos are used.
+"""
+
+import math
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+from mae_jax import models
+from mae_jax.models import functional as F
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Recognizable colour photos that install with scikit-image.
+SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+Params = Dict[str, Any]
+
+
+def prepare_image(image: Image.Image, size: int) -> np.ndarray:
+  """Shorter side resized to `size` (bicubic), centre crop, ImageNet-normalized [size, size, 3]."""
+  image = image.convert("RGB")
+  scale = size / min(image.size)
+  w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+  image = image.resize((w, h), Image.BICUBIC)
+  left, top = (w - size) // 2, (h - size) // 2
+  pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
+  return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def load_images(paths: Sequence[str], size: int) -> np.ndarray:
+  """Image files -> normalized float32 [N, size, size, 3]."""
+  out = []
+  for path in paths:
+    with Image.open(path) as image:
+      out.append(prepare_image(image, size))
+  return np.stack(out)
+
+
+def sample_images(size: int) -> np.ndarray:
+  """scikit-image's sample photos, normalized float32 [N, size, size, 3]."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(skimage.data.__file__)
+  return load_images([os.path.join(folder, name) for name in SAMPLE_PHOTOS], size)
+
+
+def fixed_noise(seed: int, batch: int, num_patches: int) -> np.ndarray:
+  """Masking noise [batch, L] that depends on the seed only, so figures of different steps
+  mask the same patches."""
+  return np.random.default_rng(seed).random((batch, num_patches), dtype=np.float32)
+
+
+def reconstruct(model: models.MaskedAutoencoder, params: Params, images: jax.Array,
+                noise: jax.Array, *, mask_ratio: float) -> jax.Array:
+  """The four panels of each row in pixels: float32 [N, 4, H, W, 3] in [0, 1]."""
+  _, pred, mask = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
+  p, c = model.patch_size, model.in_chans
+  if model.norm_pix_loss:
+    pred = F.unnormalize_pred(pred, images, p)
+  grid = (model.img_size // p,) * 2
+  recon = F.unpatchify(pred, p, grid, c)
+  removed = F.unpatchify(jnp.repeat(mask[..., None], p * p * c, axis=-1), p, grid, c)
+  # Removed patches become 0 in normalized space, i.e. the ImageNet mean colour (as the
+  # official demo shows them).
+  masked = images * (1.0 - removed)
+  pasted = masked + recon * removed
+  panels = jnp.stack([images, masked, recon, pasted], axis=1)
+  return jnp.clip(panels * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+
+
+def grid_image(panels: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.ndarray:
+  """[N, 4, H, W, 3] panels in [0, 1] -> one uint8 image with a titled column per panel.
+
+  Small images are enlarged by an integer factor (nearest neighbour) so patches stay sharp.
+  """
+  n, cols, h, w, _ = panels.shape
+  k = max(1, math.ceil(min_panel / h))
+  panels = np.repeat(np.repeat(panels, k, axis=2), k, axis=3)
+  ph, pw = h * k, w * k
+  header = 16
+  height = header + n * ph + (n + 1) * gap
+  width = cols * pw + (cols + 1) * gap
+  canvas = np.full((height, width, 3), 255, np.uint8)
+  for i in range(n):
+    for j in range(cols):
+      top, left = header + gap + i * (ph + gap), gap + j * (pw + gap)
+      canvas[top:top + ph, left:left + pw] = np.round(panels[i, j] * 255).astype(np.uint8)
+  image = Image.fromarray(canvas)
+  draw = ImageDraw.Draw(image)
+  for j, title in enumerate(COLUMNS[:cols]):
+    draw.text((gap + j * (pw + gap) + 2, 2), title, fill=(0, 0, 0))
+  return np.asarray(image)
+
+
+def save_png(image: np.ndarray, path: str) -> str:
+  """Writes an HxWx3 uint8 image as PNG (any epath location) and returns the path."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(image).save(f, format="PNG")
+  return os.fspath(path)
+
+
+def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optional[str] = None,
+           mask_ratio: Optional[float] = None, seed: int = 0, model_config=None) -> str:
+  """Renders reconstructions with the params of `path` (see checkpoint.load_params) into
+  `output` (default PATH/visualize.png) and returns the PNG's path."""
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  params, config = checkpoint.load_params(path)
+  model_config = model_config or (config.model if config is not None else None)
+  if model_config is None:
+    raise ValueError(f"{path} holds no config.json: pass --config=configs/X.py for its model.")
+  if "decoder_pred" not in params:
+    raise ValueError(f"The params in {path} have no decoder (a released encoder-only "
+                     f"checkpoint?); reconstructions need a *_full checkpoint.")
+  fields = {k: v for k, v in dict(model_config).items() if k != "mask_ratio"}
+  # Whatever the training compute dtype, render in float32 with the params' own layout.
+  model = models.MaskedAutoencoder(**{**fields, "dtype": "float32",
+                                      "scan": models.is_scanned(params)})
+  pixels = (load_images(images, model.img_size) if images
+            else sample_images(model.img_size))
+  noise = fixed_noise(seed, pixels.shape[0], (model.img_size // model.patch_size) ** 2)
+  ratio = model_config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
+  panels = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio))(
+      params, pixels, noise)
+  return save_png(grid_image(np.asarray(panels)), output or os.path.join(path, "visualize.png"))
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m mae_jax.visualize`: a reconstruction PNG from a workdir's params."""
+  paths = list(_IMAGES.value or []) + list(argv[1:])  # `--images a.jpg b.png` also works
+  model_config = _CONFIG.value.model if _CONFIG.value is not None else None
+  print(render(_WORKDIR.value, images=paths, output=_OUTPUT.value,
+               mask_ratio=_MASK_RATIO.value, seed=_SEED.value, model_config=model_config))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir or a converted checkpoint.",
+                                 required=True)
+  _IMAGES = flags.DEFINE_list("images", None, "Image files (default: scikit-image's samples).")
+  _OUTPUT = flags.DEFINE_string("output", None, "Where to write the PNG (default "
+                                "WORKDIR/visualize.png).")
+  _MASK_RATIO = flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed (default: "
+                                   "the config's model.mask_ratio).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masking noise.")
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "The model's config, for params without a config.json.")
+  app.run(main)

@@ -1,0 +1,77 @@
+"""mae_jax.checkpoint: params-only checkpoints and the training checkpoints' layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import checkpoint
+from mae_jax import config_lib
+from mae_jax import train
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"embedding": {"kernel": jnp.asarray(rng.normal(size=(2, 2, 3, 8)), jnp.float32),
+                        "bias": jnp.zeros((8,), jnp.float32)},
+          "cls": jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)}
+
+
+def _state(params, step):
+  return train.TrainState(step=jnp.int32(step), params=params,
+                          opt_state={"mu": jax.tree.map(jnp.zeros_like, params)},
+                          rng=jax.random.key_data(jax.random.key(3)))
+
+
+def test_save_params_then_load_params_round_trips_with_config(tmp_path):
+  config = config_lib.pretrain_config("vit_b")
+  config.model.embed_dim = 8
+  params = _params()
+  checkpoint.save_params(str(tmp_path), params, config)
+  assert (tmp_path / "config.json").exists() and checkpoint.has_params(str(tmp_path))
+  loaded, loaded_config = checkpoint.load_params(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  assert loaded_config.model.embed_dim == 8 and loaded_config.input.batch_size == 4096
+  # The params directory itself works too, and saving again replaces it.
+  checkpoint.save_params(str(tmp_path), _params(1), config)
+  loaded, _ = checkpoint.load_params(str(tmp_path / "params"))
+  jax.tree.map(np.testing.assert_array_equal, loaded, _params(1))
+
+
+def test_load_params_refuses_a_target_of_other_shapes_naming_the_param(tmp_path):
+  checkpoint.save_params(str(tmp_path), _params(), config_lib.pretrain_config("vit_b"))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
+  target["cls"] = jax.ShapeDtypeStruct((1, 1, 16), jnp.float32)
+  with pytest.raises(ValueError, match=r"\['cls'\] has shape \(1, 1, 8\), the model expects "
+                                       r"\(1, 1, 16\)"):
+    checkpoint.load_params(str(tmp_path), target=target)
+
+
+def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(tmp_path):
+  config = config_lib.pretrain_config("vit_b")
+  config.seed = 7
+  mngr = checkpoint.manager(str(tmp_path), keep=2)
+  for step in (3, 6, 9):
+    checkpoint.save(mngr, _state(_params(step), step), config)
+  mngr.wait_until_finished()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6", "9"]
+  params, loaded_config = checkpoint.load_params(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params, _params(9))
+  assert loaded_config.seed == 7
+  params, _ = checkpoint.load_params(str(tmp_path / "checkpoints" / "6"))
+  jax.tree.map(np.testing.assert_array_equal, params, _params(6))
+
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      _state(_params(), 0))
+  restored = checkpoint.restore_latest(mngr, abstract)
+  assert int(restored.step) == 9
+  np.testing.assert_array_equal(restored.rng, _state(_params(), 0).rng)
+  jax.tree.map(np.testing.assert_array_equal, restored.params, _params(9))
+  mngr.close()
+
+
+def test_load_params_says_what_it_expected_when_nothing_is_there(tmp_path):
+  with pytest.raises(FileNotFoundError, match="checkpoints/<step>/ or params/"):
+    checkpoint.load_params(str(tmp_path))
