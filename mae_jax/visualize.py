@@ -64,32 +64,40 @@ def fixed_noise(seed: int, batch: int, num_patches: int) -> np.ndarray:
   return np.random.default_rng(seed).random((batch, num_patches), dtype=np.float32)
 
 
-def reconstruct(model: models.MaskedAutoencoder, params: Params, images: jax.Array,
-                noise: jax.Array, *, mask_ratio: float) -> jax.Array:
-  """The four panels of each row in pixels: float32 [N, 4, H, W, 3] in [0, 1]."""
-  _, pred, mask = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
-  p, c = model.patch_size, model.in_chans
-  if model.norm_pix_loss:
+def panels(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
+           norm_pix_loss: bool) -> jax.Array:
+  """The four panels of each row in pixels, float32 [N, 4, H, W, 3] in [0, 1], from the
+  model's normalized input, its predictions [N, L, p*p*C] and mask [N, L] (1 = removed)."""
+  n, h, w, c = images.shape
+  p = patch_size
+  if norm_pix_loss:
     pred = F.unnormalize_pred(pred, images, p)
-  grid = (model.img_size // p,) * 2
+  grid = (h // p, w // p)
   recon = F.unpatchify(pred, p, grid, c)
   removed = F.unpatchify(jnp.repeat(mask[..., None], p * p * c, axis=-1), p, grid, c)
   # Removed patches become 0 in normalized space, i.e. the ImageNet mean colour (as the
   # official demo shows them).
   masked = images * (1.0 - removed)
   pasted = masked + recon * removed
-  panels = jnp.stack([images, masked, recon, pasted], axis=1)
-  return jnp.clip(panels * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+  out = jnp.stack([images, masked, recon, pasted], axis=1)
+  return jnp.clip(out * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
-def grid_image(panels: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.ndarray:
+def reconstruct(model: models.MaskedAutoencoder, params: Params, images: jax.Array,
+                noise: jax.Array, *, mask_ratio: float) -> jax.Array:
+  """Runs the model and returns its figure panels [N, 4, H, W, 3] (see `panels`)."""
+  _, pred, mask = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
+  return panels(images, pred, mask, model.patch_size, model.norm_pix_loss)
+
+
+def grid_image(figure: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.ndarray:
   """[N, 4, H, W, 3] panels in [0, 1] -> one uint8 image with a titled column per panel.
 
   Small images are enlarged by an integer factor (nearest neighbour) so patches stay sharp.
   """
-  n, cols, h, w, _ = panels.shape
+  n, cols, h, w, _ = figure.shape
   k = max(1, math.ceil(min_panel / h))
-  panels = np.repeat(np.repeat(panels, k, axis=2), k, axis=3)
+  figure = np.repeat(np.repeat(figure, k, axis=2), k, axis=3)
   ph, pw = h * k, w * k
   header = 16
   height = header + n * ph + (n + 1) * gap
@@ -98,7 +106,7 @@ def grid_image(panels: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.
   for i in range(n):
     for j in range(cols):
       top, left = header + gap + i * (ph + gap), gap + j * (pw + gap)
-      canvas[top:top + ph, left:left + pw] = np.round(panels[i, j] * 255).astype(np.uint8)
+      canvas[top:top + ph, left:left + pw] = np.round(figure[i, j] * 255).astype(np.uint8)
   image = Image.fromarray(canvas)
   draw = ImageDraw.Draw(image)
   for j, title in enumerate(COLUMNS[:cols]):
@@ -136,9 +144,9 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
             else sample_images(model.img_size))
   noise = fixed_noise(seed, pixels.shape[0], (model.img_size // model.patch_size) ** 2)
   ratio = model_config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
-  panels = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio))(
+  figure = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio))(
       params, pixels, noise)
-  return save_png(grid_image(np.asarray(panels)), output or os.path.join(path, "visualize.png"))
+  return save_png(grid_image(np.asarray(figure)), output or os.path.join(path, "visualize.png"))
 
 
 def main(argv: Sequence[str]) -> None:
