@@ -38,6 +38,8 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
       num_workers=-1,           # decoding worker processes per host (-1 = one per core)
       prefetch=2,               # batches kept ready ahead, per host
+      eval_split=config_dict.placeholder(str),  # None = the dataset's validation/val/test split
+      eval_crop_pct=0.875,      # evaluation: resize to img_size / eval_crop_pct, center crop
   ))
   c.num_epochs = 800
   c.warmup_epochs = 40

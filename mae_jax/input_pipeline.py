@@ -1,0 +1,587 @@
+"""Input pipeline for pretraining, fine-tuning and linear probing: deterministic by step.
+
+The data is an endless stream of global positions g = 0, 1, 2, ...: position g reads record
+perm_e[g % N] of epoch e = g // N, where perm_e is a permutation of the N records drawn from
+(seed, e), and that example's crop and flip are drawn from (seed, e, record). The global batch
+at step s is positions s*B .. s*B + B - 1, so it is a pure function of (dataset, seed, s):
+process p of P builds only its rows p*B/P .. (p+1)*B/P - 1, a resumed run needs only the step,
+and 1 process or 8 see the same batches. That needs random access to records: TFDS datasets
+are read through `tfds.data_source` (ArrayRecord files), image folders through a file list.
+
+Images are decoded with PIL in worker processes (Grain), straight into the crop: the crop box
+is chosen from the image header, JPEGs that are at least twice the output size inside the box
+are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, and one antialiased bicubic resampling
+maps the box to the output (the official code decodes everything, crops, then resizes).
+Normalization runs once per batch. TensorFlow is imported only here and in mae_jax/datasets/,
+and only for TFDS datasets.
+"""
+
+import dataclasses
+import fcntl
+import functools
+import io
+import math
+import os
+import struct
+import sys
+import threading
+from typing import Any, Callable, Iterator
+import zlib
+
+from absl import logging
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTS = ("mae", "eval")
+# Built by mae_jax/datasets from files that pip installs (scikit-image, scikit-learn).
+SHIPPED = ("skimage_photos", "sklearn_digits")
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm"))
+# What PIL raises on files that are not images, or are corrupt, truncated or absurdly large.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
+                 Image.DecompressionBombError)
+# A training example whose file is bad is replaced by the next record; this many bad records in
+# a row means the data is broken, not a few files.
+MAX_SUBSTITUTES = 16
+IMAGENET_URL = "https://image-net.org/challenges/LSVRC/2012/2012-downloads.php"
+
+Box = tuple[float, float, float, float]  # left, top, width, height in pixels of the source image
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops, decoding and normalization of single images.
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
+                            scale: tuple[float, float], ratio: tuple[float, float]) -> Box:
+  """torchvision's RandomResizedCrop box: area fraction in `scale`, log-uniform aspect ratio."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, w, h
+  # After 10 misses (extreme aspect ratios): the largest centred box within `ratio`.
+  aspect = width / height
+  if aspect < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif aspect > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, crop_pct: float) -> Box:
+  """Resize-shorter-side-to-size/crop_pct then center-crop-size, as one box of the source."""
+  side = min(width, height) * crop_pct
+  return (width - side) / 2, (height - side) / 2, side, side
+
+
+def _dct_scale(box: Box, size: int) -> int:
+  """The largest JPEG DCT scale (1, 2, 4, 8) that keeps the box at least `size` pixels."""
+  fit = min(box[2], box[3]) / size
+  return next(s for s in (8, 4, 2, 1) if s <= fit or s == 1)
+
+
+def _to_rgb(image: Image.Image, where: str) -> Image.Image:
+  """Loads the pixels and converts any mode to 8-bit RGB, counting the conversions in the log."""
+  image.load()
+  mode = image.mode
+  if mode == "RGB":
+    return image
+  if mode.startswith("I;16"):
+    # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip at 255).
+    _note("16-bit grayscale image converted to RGB", where)
+    grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+  if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+    _note("image with alpha: alpha dropped", where)
+  elif mode == "CMYK":
+    _note("CMYK image converted to RGB", where)
+  elif mode in ("L", "1", "I", "F"):
+    _note("grayscale image converted to RGB", where)
+  return image.convert("RGB")
+
+
+def decode_and_crop(data: bytes, size: int, choose_box: Callable[[int, int], Box],
+                    where: str = "") -> np.ndarray:
+  """Encoded image -> uint8 [size, size, 3]: the box `choose_box(width, height)` resized.
+
+  Raises one of DECODE_ERRORS for data that is not a readable image.
+  """
+  image = Image.open(io.BytesIO(data))
+  width, height = image.size
+  box = choose_box(width, height)
+  scale = _dct_scale(box, size) if image.format == "JPEG" else 1
+  if scale > 1:
+    # libjpeg decodes at 1/scale in the DCT domain: far less work, and a good antialias filter.
+    drafted = image.draft("RGB", (width // scale, height // scale))
+    scale = width / drafted[1][2] if drafted else 1
+  image = _to_rgb(image, where)
+  left, top, w, h = (v / scale for v in box)
+  return np.asarray(image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)))
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(row: int) -> tuple[np.ndarray, np.ndarray]:
+  """x * scale + offset over one image row of `row` // 3 RGB pixels (long rows: fast numpy)."""
+  std = np.asarray(IMAGENET_STD, np.float32)
+  scale = 1.0 / (255.0 * std)
+  offset = -np.asarray(IMAGENET_MEAN, np.float32) / std
+  return np.tile(scale, row // 3), np.tile(offset, row // 3)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., H, W, 3] -> float32 (x / 255 - ImageNet mean) / ImageNet std."""
+  row = images.shape[-2] * images.shape[-1]
+  scale, offset = _normalizer(row)
+  out = images.astype(np.float32).reshape(-1, row)
+  out *= scale
+  out += offset
+  return out.reshape(images.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad-file accounting: each kind is logged the 1st, 2nd, 4th, 8th, ... time in each process.
+
+_counts: dict[str, int] = {}
+_counts_lock = threading.Lock()
+
+
+def _note(kind: str, where: str) -> None:
+  with _counts_lock:
+    count = _counts[kind] = _counts.get(kind, 0) + 1
+  if count & (count - 1) == 0:
+    logging.warning("Input: %s (%d so far in process %d): %s", kind, count, os.getpid(), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: random access to (encoded image, label) records.
+
+class FolderSource:
+  """Image files under a folder: one subfolder per class (labels in sorted order), or flat."""
+
+  def __init__(self, root: str):
+    self.root = root
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    paths, labels, ignored = [], [], []
+    if classes:
+      ignored += [e.name for e in os.scandir(root) if e.is_file()]
+      for label, name in enumerate(classes):
+        for path in _image_files(os.path.join(root, name), ignored):
+          paths.append(os.path.relpath(path, root))
+          labels.append(label)
+    else:
+      paths = [os.path.relpath(p, root) for p in _image_files(root, ignored, recursive=False)]
+    if ignored:
+      logging.warning("Input: ignored %d files under %s that are not images by their name "
+                      "(e.g. %s).", len(ignored), root, ignored[0])
+    # Bytes in one numpy array: cheap to send to worker processes even for millions of files.
+    self._paths = np.array([os.fsencode(p) for p in paths], dtype=bytes)
+    self._labels = np.asarray(labels, np.int32) if classes else None
+    self.classes = classes
+    self.num_classes = len(classes) if classes else None
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    """(file contents, label or -1); OSError if the file cannot be read."""
+    with open(os.path.join(os.fsencode(self.root), self._paths[index]), "rb") as f:
+      data = f.read()
+    return data, (-1 if self._labels is None else int(self._labels[index]))
+
+  def describe(self, index: int) -> str:
+    return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+
+def _image_files(folder: str, ignored: list[str], recursive: bool = True) -> list[str]:
+  """Sorted image paths under `folder`; other files are appended to `ignored`."""
+  found = []
+  for parent, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if d[0] != ".") if recursive else []
+    for name in sorted(files):
+      if name[0] == ".":
+        continue
+      path = os.path.join(parent, name)
+      (found if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS else ignored).append(path)
+  return found
+
+
+class TfdsSource:
+  """A split of a TFDS image dataset prepared as ArrayRecord, read without decoding images."""
+
+  def __init__(self, builder: Any, split: str):
+    tfds = _tfds()
+    features = builder.info.features
+    if "image" not in features or not isinstance(features["image"], tfds.features.Image):
+      raise ValueError(f"input.dataset={builder.name!r} has no 'image' feature (it has "
+                       f"{sorted(features.keys())}); use an image dataset.")
+    label = features["label"] if "label" in features else None
+    self.num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+    self.name = f"{builder.name}[{split}]"
+    self._data = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    """(encoded image, label or -1)."""
+    example = self._data[index]
+    return example["image"], (-1 if self.num_classes is None else int(example["label"]))
+
+  def describe(self, index: int) -> str:
+    return f"{self.name} record {index}"
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_source(root: str) -> FolderSource:
+  return FolderSource(root)
+
+
+def _open_folder(path: str, split: str) -> FolderSource:
+  if not os.path.isdir(path):
+    raise ValueError(f"input.dataset='folder:{path}': no such folder. Point it at a folder of "
+                     "images, one subfolder per class (or flat, unlabeled).")
+  root = os.path.join(path, split)
+  if not os.path.isdir(root):
+    if split != "train":
+      raise ValueError(f"input.dataset='folder:{path}' has no subfolder {split!r} for split "
+                       f"{split!r}; create it or set input.eval_split / input.split to one "
+                       "that exists.")
+    root = path  # A folder without split subfolders is all training data.
+  source = _folder_source(os.path.abspath(root))
+  if not len(source):
+    raise ValueError(f"input.dataset='folder:{path}': no image files under {root} (looked for "
+                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
+  return source
+
+
+def _prepare_command(name: str, data_dir: str, manual_dir: str | None) -> str:
+  manual = f" --manual_dir={manual_dir or '<input.manual_dir>'}" if manual_dir is not None or (
+      name == "imagenet2012") else ""
+  return f"tfds build {name}{manual} --data_dir={data_dir} --file_format=array_record"
+
+
+def _unprepared_message(builder: Any, data_dir: str, manual_dir: str | None) -> str:
+  name = builder.name
+  command = _prepare_command(name, data_dir, manual_dir)
+  if name == "imagenet2012":
+    where = manual_dir or "a folder of your choice, then set input.manual_dir to it"
+    return (f"input.dataset='imagenet2012' is not prepared in {data_dir} (input.data_dir). "
+            f"Download ILSVRC2012_img_train.tar (138 GB) and ILSVRC2012_img_val.tar (6.3 GB) "
+            f"from {IMAGENET_URL} (free account) into {where}, then prepare it once "
+            f"(a few hours, about 150 GB):\n  {command}")
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  manual = (f" It needs a manual download into input.manual_dir: {instructions.strip()}"
+            if instructions else "")
+  return (f"input.dataset={name!r} is not prepared in {data_dir} (input.data_dir).{manual} "
+          f"Prepare it once with:\n  {command}")
+
+
+def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None) -> Any:
+  """The prepared TFDS builder of `name`; the shipped datasets are built on first use."""
+  tfds = _tfds()
+  if name in SHIPPED:
+    import mae_jax.datasets  # pylint: disable=g-import-not-at-top,unused-import  # registers them
+    return _build_shipped(tfds, name, data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"input.dataset={name!r} is not a TFDS dataset, one of {SHIPPED}, or "
+                     f"'{FOLDER_PREFIX}/path/to/images'.") from e
+  root = os.fspath(builder.data_dir_root)
+  if not builder.is_prepared():
+    raise ValueError(_unprepared_message(builder, root, manual_dir))
+  formats = builder.info.available_file_formats()
+  if formats and "array_record" not in {f.value for f in formats}:
+    raise ValueError(
+        f"input.dataset={name!r} is prepared in {builder.data_dir} as "
+        f"{sorted(f.value for f in formats)}, but the input pipeline needs random access "
+        f"(ArrayRecord). Convert it once with:\n  tfds convert_format "
+        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
+  return builder
+
+
+def _build_shipped(tfds: Any, name: str, data_dir: str | None) -> Any:
+  """Builds a shipped dataset into data_dir once, holding a file lock against other processes."""
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  root = os.fspath(builder.data_dir_root)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      logging.info("Input: building %s into %s (first use; seconds).", name, root)
+      tfds.disable_progress_bar()
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False))
+  return builder
+
+
+def _default_eval_split(input_config: ml_collections.ConfigDict) -> str:
+  """input.eval_split, else the dataset's held-out split: validation, val or test."""
+  if input_config.get("eval_split"):
+    return input_config.eval_split
+  dataset = input_config.dataset
+  if dataset.startswith(FOLDER_PREFIX):
+    path = dataset[len(FOLDER_PREFIX):]
+    splits = [s for s in ("validation", "val", "test") if os.path.isdir(os.path.join(path, s))]
+  else:
+    builder = _tfds_builder(dataset, input_config.data_dir, input_config.manual_dir)
+    splits = [s for s in ("validation", "test") if s in builder.info.splits]
+  if not splits:
+    raise ValueError(f"input.dataset={dataset!r} has no validation or test split; set "
+                     "input.eval_split.")
+  return splits[0]
+
+
+def open_source(input_config: ml_collections.ConfigDict, split: str | None = None) -> Any:
+  """The records of one split (default input.split): `len`, `read(i)`, `num_classes`."""
+  dataset = input_config.dataset
+  split = split or input_config.split
+  if not isinstance(dataset, str) or not dataset:
+    raise ValueError(f"input.dataset={dataset!r}: give a TFDS name ('imagenet2012'), one of "
+                     f"{SHIPPED}, or '{FOLDER_PREFIX}/path/to/images'.")
+  if dataset.startswith(FOLDER_PREFIX):
+    return _open_folder(dataset[len(FOLDER_PREFIX):], split)
+  builder = _tfds_builder(dataset, input_config.data_dir, input_config.manual_dir)
+  if split.split("[")[0] not in builder.info.splits:
+    raise ValueError(f"input.dataset={dataset!r} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)} (input.split / input.eval_split).")
+  return TfdsSource(builder, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# The global sampler and the per-example work, both picklable for Grain's worker processes.
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  # Word 0 tags the stream: 0 = order, 1 = augmentation (SeedSequence pads with zeros, so
+  # keys of different lengths could collide; equal-length tagged keys cannot).
+  return np.random.default_rng([0, seed, epoch, 0]).permutation(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Global positions -> records; local element k of process p -> global position."""
+  num_records: int
+  global_batch: int
+  process_index: int = 0
+  process_count: int = 1
+  seed: int = 0
+  shuffle: bool = True
+
+  def position(self, k: int) -> int:
+    """Global stream position of this process's k-th example."""
+    local = self.global_batch // self.process_count
+    step, row = divmod(k, local)
+    return step * self.global_batch + self.process_index * local + row
+
+  def record(self, position: int) -> tuple[int, int]:
+    """(epoch, record index) at a global stream position."""
+    epoch, i = divmod(position, self.num_records)
+    if self.shuffle:
+      i = int(_permutation(self.seed, epoch, self.num_records)[i])
+    return epoch, i
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadExample:
+  """Local element index -> {"image": uint8 [S, S, 3], "label", "valid"}."""
+  source: Any
+  sampler: Sampler
+  image_size: int
+  augment: str
+  one_pass: bool
+  labeled: bool
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  eval_crop_pct: float
+
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    position = self.sampler.position(k)
+    n = self.sampler.num_records
+    if self.one_pass and position >= n:  # padding of the last batch
+      return self._example(None, -1, False)
+    epoch, index = self.sampler.record(position)
+    rng = np.random.default_rng([1, self.sampler.seed, epoch, index])
+    # In one pass a bad file becomes an invalid row; in training the next record stands in.
+    for attempt in range(1 if self.one_pass else MAX_SUBSTITUTES):
+      record = (index + attempt) % n
+      image, label = self._image(record, rng)
+      if image is not None:
+        return self._example(image, label, True)
+    if self.one_pass:
+      return self._example(None, -1, False)
+    raise RuntimeError(f"Input: {MAX_SUBSTITUTES} records in a row from "
+                       f"{self.source.describe(index)} on are unreadable; the data is broken.")
+
+  def _image(self, record: int, rng: np.random.Generator) -> tuple[np.ndarray | None, int]:
+    where = self.source.describe(record)
+    try:
+      data, label = self.source.read(record)
+      if self.augment == "mae":
+        box = lambda w, h: random_resized_crop_box(rng, w, h, self.crop_scale, self.crop_ratio)
+      else:
+        box = lambda w, h: center_crop_box(w, h, self.eval_crop_pct)
+      image = decode_and_crop(data, self.image_size, box, where)
+    except DECODE_ERRORS as e:
+      _note(f"unreadable image skipped ({type(e).__name__}: {e})".split("\n")[0][:160], where)
+      return None, -1
+    if self.augment == "mae" and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return image, label
+
+  def _example(self, image, label, valid) -> dict[str, np.ndarray]:
+    if image is None:
+      image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    example = {"image": image}
+    if self.labeled:
+      example["label"] = np.int32(max(label, 0))
+    if self.one_pass:
+      example["valid"] = np.bool_(valid)
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _FinishBatch:
+  normalize: bool
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if self.normalize:
+      batch["image"] = normalize(batch["image"])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+def _num_workers(requested: int) -> int:
+  return len(os.sched_getaffinity(0)) if requested < 0 else requested
+
+
+def validate(input_config: ml_collections.ConfigDict) -> None:
+  """Checks input_config and that its dataset is ready (building the shipped ones).
+
+  Raises ValueError that names the config field and says how to fix it.
+  """
+  c = input_config
+  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
+    raise ValueError(f"input.batch_size={c.batch_size!r} must be a positive integer (global).")
+  lo, hi = c.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(f"input.crop_scale={tuple(c.crop_scale)} must satisfy 0 < lo <= hi <= 1.")
+  lo, hi = c.crop_ratio
+  if not 0 < lo <= hi:
+    raise ValueError(f"input.crop_ratio={tuple(c.crop_ratio)} must satisfy 0 < lo <= hi.")
+  if c.num_workers < -1:
+    raise ValueError(f"input.num_workers={c.num_workers}: use -1 (one per core), 0 (decode "
+                     "in this process) or a count.")
+  if c.prefetch < 0:
+    raise ValueError(f"input.prefetch={c.prefetch} must be >= 0.")
+  if not 0 < c.get("eval_crop_pct", 0.875) <= 1:
+    raise ValueError(f"input.eval_crop_pct={c.eval_crop_pct} must be in (0, 1].")
+  open_source(c)
+
+
+def num_examples(input_config: ml_collections.ConfigDict, split: str | None = None) -> int:
+  """Records in `split` (default input.split)."""
+  return len(open_source(input_config, split))
+
+
+def num_classes(input_config: ml_collections.ConfigDict) -> int | None:
+  """Number of classes of the dataset's labels, or None when it has none."""
+  return open_source(input_config).num_classes
+
+
+def create_iterator(input_config: ml_collections.ConfigDict, *, image_size: int, seed: int,
+                    train: bool, start_step: int = 0, process_index: int | None = None,
+                    process_count: int | None = None, augment: str | None = None,
+                    normalize: bool = True, split: str | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of each global batch, from step `start_step` on.
+
+  Yields {"image": float32 [B / P, S, S, 3] ImageNet-normalized (uint8 with normalize=False),
+  "label": int32 [B / P] when the dataset has labels}. train=True: endless, shuffled per epoch;
+  train=False: one pass over the split in order, the last batch padded, with "valid": bool.
+  augment: "mae" (RandomResizedCrop input.crop_scale/crop_ratio + flip; default for train) or
+  "eval" (resize + center crop input.eval_crop_pct; default otherwise). split: default
+  input.split for train, input.eval_split (or the dataset's held-out split) otherwise.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  augment = augment or ("mae" if train else "eval")
+  c = input_config
+  if augment not in AUGMENTS:
+    raise ValueError(f"augment={augment!r}: use one of {AUGMENTS}.")
+  if c.batch_size % process_count:
+    raise ValueError(f"input.batch_size={c.batch_size} must be divisible by the number of "
+                     f"processes ({process_count}).")
+  if seed < 0:
+    raise ValueError(f"seed={seed} (config.seed) must be >= 0.")
+  split = split or (c.split if train else _default_eval_split(c))
+  source = open_source(c, split)
+  n = len(source)
+  local = c.batch_size // process_count
+  sampler = Sampler(n, c.batch_size, process_index, process_count, seed, shuffle=train)
+  if train:
+    stop = sys.maxsize
+  else:
+    stop = -(-n // c.batch_size) * local
+  load = _LoadExample(
+      source, sampler, image_size, augment, one_pass=not train,
+      labeled=source.num_classes is not None, crop_scale=tuple(c.crop_scale),
+      crop_ratio=tuple(c.crop_ratio), eval_crop_pct=c.get("eval_crop_pct", 0.875))
+  ds = (grain.MapDataset.range(start_step * local, stop).map(load)
+        .batch(local, drop_remainder=True).map(_FinishBatch(normalize)))
+  workers, prefetch = _num_workers(c.num_workers), c.prefetch
+  if workers:
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, -(-prefetch // workers))))
+  else:
+    # Threads overlap decoding with training: PIL and numpy release the GIL.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                              prefetch_buffer_size=prefetch))
+  return _closing(iter(ds))
+
+
+def _closing(iterator: Any) -> Iterator[dict[str, np.ndarray]]:
+  # Stops Grain's worker processes as soon as the caller drops the iterator.
+  try:
+    yield from iterator
+  finally:
+    iterator.close()
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """Process-local rows -> global jax.Arrays sharded over the batch axis.
+
+  Assumes the usual device order, in which process p holds rows p*B/P .. (p+1)*B/P - 1.
+  Arrays of lower rank than the sharding's spec (labels) use its leading entries.
+  """
+  def place(x: np.ndarray) -> jax.Array:
+    s = sharding
+    if isinstance(s, jax.sharding.NamedSharding) and len(s.spec) > x.ndim:
+      s = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[:x.ndim]))
+    return jax.make_array_from_process_local_data(s, x)
+  return {k: place(v) for k, v in batch.items()}
