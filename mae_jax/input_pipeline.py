@@ -28,6 +28,7 @@ import threading
 from typing import Any, Callable, Iterator
 import zlib
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -46,6 +47,7 @@ IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 # What PIL raises on files that are not images, or are corrupt, truncated or absurdly large.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
                  Image.DecompressionBombError)
+SKIPPED = "unreadable file skipped"
 # A training example whose file is bad is replaced by the next record; this many bad records in
 # a row means the data is broken, not a few files.
 MAX_SUBSTITUTES = 16
@@ -153,9 +155,11 @@ def normalize(images: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad-file accounting: each kind is logged the 1st, 2nd, 4th, 8th, ... time in each process.
+# Bad-file accounting. Conversions are logged the 1st, 2nd, 4th, 8th, ... time in each process
+# (ImageNet holds thousands of grayscale JPEGs); every unreadable file is logged once.
 
 _counts: dict[str, int] = {}
+_skipped: set[str] = set()
 _counts_lock = threading.Lock()
 
 
@@ -164,6 +168,22 @@ def _note(kind: str, where: str) -> None:
     count = _counts[kind] = _counts.get(kind, 0) + 1
   if count & (count - 1) == 0:
     logging.warning("Input: %s (%d so far in process %d): %s", kind, count, os.getpid(), where)
+
+
+def _note_skipped(where: str, error: Exception) -> None:
+  with _counts_lock:
+    if where in _skipped:
+      return
+    _skipped.add(where)
+    count = _counts[SKIPPED] = len(_skipped)
+  logging.warning("Input: %s (%d distinct so far in process %d): %s (%s: %s)", SKIPPED, count,
+                  os.getpid(), where, type(error).__name__, " ".join(str(error).split())[:120])
+
+
+def file_issue_counts() -> dict[str, int]:
+  """Conversions of each kind and distinct unreadable files, so far in this process."""
+  with _counts_lock:
+    return dict(_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +242,7 @@ def _image_files(folder: str, ignored: list[str], recursive: bool = True) -> lis
 class TfdsSource:
   """A split of a TFDS image dataset prepared as ArrayRecord, read without decoding images."""
 
-  def __init__(self, builder: Any, split: str):
+  def __init__(self, builder: Any, data: Any, split: str):
     tfds = _tfds()
     features = builder.info.features
     if "image" not in features or not isinstance(features["image"], tfds.features.Image):
@@ -231,7 +251,7 @@ class TfdsSource:
     label = features["label"] if "label" in features else None
     self.num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
     self.name = f"{builder.name}[{split}]"
-    self._data = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    self._data = data
 
   def __len__(self) -> int:
     return len(self._data)
@@ -295,28 +315,40 @@ def _unprepared_message(builder: Any, data_dir: str, manual_dir: str | None) -> 
           f"Prepare it once with:\n  {command}")
 
 
-def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None) -> Any:
-  """The prepared TFDS builder of `name`; the shipped datasets are built on first use."""
+def _tfds_builder(name: str, data_dir: str | None) -> Any:
+  """The TFDS builder of `name`; the shipped datasets are built on first use."""
   tfds = _tfds()
   if name in SHIPPED:
     import mae_jax.datasets  # pylint: disable=g-import-not-at-top,unused-import  # registers them
     return _build_shipped(tfds, name, data_dir)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"input.dataset={name!r} is not a TFDS dataset, one of {SHIPPED}, or "
                      f"'{FOLDER_PREFIX}/path/to/images'.") from e
-  root = os.fspath(builder.data_dir_root)
-  if not builder.is_prepared():
-    raise ValueError(_unprepared_message(builder, root, manual_dir))
-  formats = builder.info.available_file_formats()
-  if formats and "array_record" not in {f.value for f in formats}:
-    raise ValueError(
-        f"input.dataset={name!r} is prepared in {builder.data_dir} as "
-        f"{sorted(f.value for f in formats)}, but the input pipeline needs random access "
-        f"(ArrayRecord). Convert it once with:\n  tfds convert_format "
-        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record")
-  return builder
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None, manual_dir: str | None
+               ) -> TfdsSource:
+  """A TFDS split for random access; ValueError with the fix when it is not ready."""
+  tfds = _tfds()
+  builder = _tfds_builder(name, data_dir)
+  try:
+    data = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    if not builder.is_prepared():
+      raise ValueError(_unprepared_message(builder, os.fspath(builder.data_dir_root),
+                                           manual_dir)) from e
+    formats = sorted(f.value for f in builder.info.available_file_formats())
+    if "array_record" not in formats:
+      raise ValueError(
+          f"input.dataset={name!r} is prepared in {builder.data_dir} as {formats}, but the "
+          "input pipeline needs random access (ArrayRecord). Convert it once with:\n  tfds "
+          f"convert_format --dataset_version_dir={builder.data_dir} "
+          "--out_file_format=array_record") from e
+    raise ValueError(f"input.dataset={name!r}: split {split!r} ({e}); set input.split / "
+                     f"input.eval_split to one of {sorted(builder.info.splits)}.") from e
+  return TfdsSource(builder, data, split)
 
 
 def _build_shipped(tfds: Any, name: str, data_dir: str | None) -> Any:
@@ -346,7 +378,7 @@ def _default_eval_split(input_config: ml_collections.ConfigDict) -> str:
     path = dataset[len(FOLDER_PREFIX):]
     splits = [s for s in ("validation", "val", "test") if os.path.isdir(os.path.join(path, s))]
   else:
-    builder = _tfds_builder(dataset, input_config.data_dir, input_config.manual_dir)
+    builder = _tfds_builder(dataset, input_config.data_dir)
     splits = [s for s in ("validation", "test") if s in builder.info.splits]
   if not splits:
     raise ValueError(f"input.dataset={dataset!r} has no validation or test split; set "
@@ -363,11 +395,7 @@ def open_source(input_config: ml_collections.ConfigDict, split: str | None = Non
                      f"{SHIPPED}, or '{FOLDER_PREFIX}/path/to/images'.")
   if dataset.startswith(FOLDER_PREFIX):
     return _open_folder(dataset[len(FOLDER_PREFIX):], split)
-  builder = _tfds_builder(dataset, input_config.data_dir, input_config.manual_dir)
-  if split.split("[")[0] not in builder.info.splits:
-    raise ValueError(f"input.dataset={dataset!r} has no split {split!r}; it has "
-                     f"{sorted(builder.info.splits)} (input.split / input.eval_split).")
-  return TfdsSource(builder, split)
+  return _open_tfds(dataset, split, input_config.data_dir, input_config.manual_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +473,7 @@ class _LoadExample:
         box = lambda w, h: center_crop_box(w, h, self.eval_crop_pct)
       image = decode_and_crop(data, self.image_size, box, where)
     except DECODE_ERRORS as e:
-      _note(f"unreadable image skipped ({type(e).__name__}: {e})".split("\n")[0][:160], where)
+      _note_skipped(where, e)
       return None, -1
     if self.augment == "mae" and rng.random() < 0.5:
       image = image[:, ::-1]
@@ -555,6 +583,9 @@ def create_iterator(input_config: ml_collections.ConfigDict, *, image_size: int,
         .batch(local, drop_remainder=True).map(_FinishBatch(normalize)))
   workers, prefetch = _num_workers(c.num_workers), c.prefetch
   if workers:
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read its absl flags; outside absl.app (tests, notebooks) use defaults.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=max(1, -(-prefetch // workers))))
