@@ -104,9 +104,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
         f"use a multiple of {process_count}.")
   micro = batch // accum
   check(micro % device_count == 0,
-        f"config.input.batch_size={batch} (micro-batch {micro} with grad_accum_steps={accum}) is "
-        f"not divisible by the {device_count} devices; use a batch that is a multiple of "
-        f"{device_count * accum}.")
+        f"config.input.batch_size={batch} is not divisible by the {device_count} devices"
+        + (f" in {accum} micro-batches (config.optimizer.grad_accum_steps={accum})"
+           if accum > 1 else "") + f"; use a multiple of {device_count * accum}.")
   if mesh.data == -1:
     check(device_count % mesh.fsdp == 0,
           f"config.mesh.fsdp={mesh.fsdp} does not divide the {device_count} devices; choose a "

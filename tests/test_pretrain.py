@@ -1,0 +1,222 @@
+"""`python -m mae_jax.main` end to end, in subprocesses: outputs, exact resume after SIGKILL,
+SIGTERM, 8 simulated devices with fsdp against 1, checkpoints moving between them, and config
+errors before compiling."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mae_jax import config_lib
+from mae_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS, EVERY = 30, 5
+# A tiny model on the shipped photos; every run shares this config, so one compilation per
+# device count serves all of them (through the compilation cache below).
+TINY = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
+        "--config.keep_checkpoints=10", "--config.log_every_steps=1",
+        "--config.warmup_steps=3", "--config.reconstruction_every_steps=0",
+        "--config.input.batch_size=8", "--config.model.img_size=16",
+        "--config.model.patch_size=4", "--config.model.embed_dim=32", "--config.model.depth=1",
+        "--config.model.num_heads=2", "--config.model.decoder_embed_dim=16",
+        "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment: fast CPU compiles, a shared compilation cache, no pod settings."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("MAE_JAX_", "SLURM_"))}
+  env.update(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _command(workdir, devices=1, extra=(), tiny=True):
+  return [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/demo.py",
+          f"--workdir={workdir}", f"--num_cpu_devices={devices}", *(TINY if tiny else []),
+          *extra]
+
+
+def _run(env, workdir, devices=1, extra=(), tiny=True) -> str:
+  result = subprocess.run(_command(workdir, devices, extra, tiny), env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stderr
+
+
+def _rows(workdir) -> list:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _losses(workdir) -> dict:
+  """step -> (loss, grad_norm, lr); every row of a step must agree (a resumed run repeats some)."""
+  out = {}
+  for row in _rows(workdir):
+    value = (row["loss"], row["grad_norm"], row["lr"])
+    assert out.setdefault(row["step"], value) == value, f"step {row['step']} differs"
+  return out
+
+
+def _steps(workdir) -> list:
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def _wait_for(predicate, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-3000:]}"
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  """An uninterrupted run on 1 device."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _run(env, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def fsdp8(env, tmp_path_factory):
+  """The same run on 8 simulated devices, params and optimizer state sharded 4 ways."""
+  workdir = tmp_path_factory.mktemp("fsdp8")
+  _run(env, workdir, devices=8, extra=["--config.mesh.fsdp=4"])
+  return workdir
+
+
+def test_run_writes_metrics_tensorboard_png_and_step_checkpoints(reference):
+  rows = _rows(reference)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  assert {"step", "loss", "lr", "img_per_s", "grad_norm", "eta_s"} <= set(rows[0])
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  assert _steps(reference) == list(range(EVERY, STEPS + 1, EVERY))
+  assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+  assert (reference / f"reconstruction_{STEPS:08d}.png").exists()
+  config = json.loads((reference / "config.json").read_text())
+  assert config["model"]["embed_dim"] == 32
+
+
+def test_resume_after_sigkill_gives_bit_identical_losses(env, reference, tmp_path):
+  proc = subprocess.Popen(_command(tmp_path), env=env, cwd=REPO, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  try:
+    _wait_for(lambda: (tmp_path / "checkpoints" / str(EVERY)).is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  killed_at = max([r["step"] for r in _rows(tmp_path)], default=0)
+  assert killed_at < STEPS, "the run finished before it was killed"
+  log = _run(env, tmp_path)
+  resumed = max(s for s in _steps(tmp_path) if f"Resumed from {tmp_path}/checkpoints/{s}." in log)
+  assert EVERY <= resumed < STEPS
+  expected, got = _losses(reference), _losses(tmp_path)
+  assert set(range(resumed + 1, STEPS + 1)) <= set(got)
+  for step, value in got.items():  # bit for bit, before the kill and after the restart
+    assert value == expected[step], f"step {step}: {value} != {expected[step]}"
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(env, tmp_path):
+  proc = subprocess.Popen(_command(tmp_path), env=env, cwd=REPO, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  _wait_for(lambda: len(_rows(tmp_path)) >= 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, log = proc.communicate(timeout=300)
+  assert proc.returncode == 0, log[-3000:]
+  last = _steps(tmp_path)[-1]
+  assert last < STEPS, "the run finished before SIGTERM arrived"
+  assert f"Preempted: saved the checkpoint of step {last}" in log
+  assert max(r["step"] for r in _rows(tmp_path)) == last  # every step done was logged
+
+
+def test_8_devices_with_fsdp_give_the_losses_of_1_device(reference, fsdp8):
+  one, eight = _losses(reference), _losses(fsdp8)
+  assert sorted(one) == sorted(eight) == list(range(1, STEPS + 1))
+  for step in one:
+    np.testing.assert_allclose(eight[step][0], one[step][0], rtol=1e-5, err_msg=f"step {step}")
+    np.testing.assert_allclose(eight[step][2], one[step][2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("source,devices", [("fsdp8", 1), ("reference", 8)])
+def test_checkpoint_restores_on_another_device_count(env, request, tmp_path, source, devices):
+  origin = request.getfixturevalue(source)
+  resume_at = 2 * EVERY
+  shutil.copytree(origin / "checkpoints" / str(resume_at), tmp_path / "checkpoints" / str(resume_at))
+  log = _run(env, tmp_path, devices=devices, extra=["--config.mesh.fsdp=4"] if devices == 8 else [])
+  assert f"Resumed from {tmp_path}/checkpoints/{resume_at}." in log
+  before, after = _losses(origin), _losses(tmp_path)
+  assert sorted(after) == list(range(resume_at + 1, STEPS + 1))
+  for step, value in after.items():
+    np.testing.assert_allclose(value[0], before[step][0], rtol=1e-5, err_msg=f"step {step}")
+
+
+def _tensorboard_tags(logdir) -> set:
+  """Scalar tags in the event files (read with tensorboard's protos, no TensorFlow)."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      offset += 12 + length + 4
+  return tags
+
+
+def test_demo_config_trains_end_to_end(env, tmp_path):
+  _run(env, tmp_path, tiny=False, extra=["--config.total_steps=2", "--config.warmup_steps=1",
+                                         "--config.log_every_steps=1"])
+  rows = _rows(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  assert {"loss", "lr", "img_per_s", "grad_norm", "reconstruction"} <= _tensorboard_tags(
+      tmp_path / "tensorboard")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(tmp_path / "reconstruction_00000002.png") as image:
+    assert image.size == (4 * 128 + 5 * 4, 16 + 4 * 128 + 5 * 4)  # 4 photos, 64px shown 2x
+  assert _steps(tmp_path) == [2]
+
+
+def _config(**fields):
+  c = config_lib.pretrain_config("vit_b")
+  c.input.dataset = "skimage_photos"
+  c.input.batch_size = 8
+  c.total_steps = 10
+  for key, value in fields.items():
+    parent, leaf = key.rsplit(".", 1) if "." in key else (None, key)
+    (c[parent] if parent else c)[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"model.patch_size": 12}, "config.model.patch_size=12 does not divide config.model.img_size=224"),
+    ({"model.mask_ratio": 1.0}, "config.model.mask_ratio=1.0 is outside [0, 1)"),
+    ({"input.dataset": "no_such_dataset"}, "input.dataset='no_such_dataset'"),
+])
+def test_wrong_config_fails_before_compiling_naming_the_field(tmp_path, fields, message):
+  started = time.time()
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(_config(**fields), str(tmp_path))
+  assert message in str(e.value)
+  assert time.time() - started < 30
+  assert not list(tmp_path.iterdir())  # nothing written, nothing compiled
+
+
+def test_batch_not_divisible_by_the_devices_fails_at_once(env, tmp_path):
+  result = subprocess.run(_command(tmp_path, devices=8, extra=["--config.input.batch_size=12"]),
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config.input.batch_size=12 is not divisible by the 8 devices" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
