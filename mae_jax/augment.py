@@ -3,8 +3,8 @@
 The official fine-tuning (timm 0.3.2 via main_finetune.py) applies, per image, RandAugment
 `rand-m9-mstd0.5-inc1` on the uint8 crop, then normalization, then RandomErasing(0.25,
 mode="pixel"); then per batch Mixup(mixup 0.8, cutmix 1.0, switch 0.5, mode "batch",
-label smoothing 0.1). This module does the same on the input pipeline's normalized batches:
-`finetune_augment(key, images, labels, ...)`; with `key = fold_in(seed, step)` a resumed run
+label smoothing 0.1). This module does the same on the input pipeline's uint8 crops:
+`finetune_augment(key, pixels, labels, ...)`; with `key = fold_in(seed, step)` a resumed run
 sees the same augmentations. RandAugment's ops follow PIL's arithmetic (the affine ops PIL's
 bicubic, a = -1, with the ImageNet-mean fill) up to float32 rounding; each op is a pure
 function of one image, tested against PIL.
@@ -363,30 +363,26 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_class
 
 # ---------------------------------------------------------------------------------------------
 
-def to_pixels(images: jax.Array) -> jax.Array:
-  """ImageNet-normalized images -> uint8 levels (as float32), as the PIL image would hold."""
-  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-  return jnp.clip(jnp.round((images * std + mean) * 255.0), 0, 255)
-
-
 def from_pixels(pixels: jax.Array) -> jax.Array:
-  """uint8 levels -> ImageNet-normalized images (ToTensor + Normalize)."""
+  """uint8 levels -> ImageNet-normalized float32 images (ToTensor + Normalize)."""
   mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
-  return (pixels / 255.0 - mean) / std
+  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def finetune_augment(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
+def finetune_augment(key: jax.Array, pixels: jax.Array, labels: jax.Array, num_classes: int,
                      augment_config) -> Tuple[jax.Array, jax.Array]:
-  """RandAugment -> random erasing -> mixup/cutmix with label smoothing, from `config.augment`.
+  """RandAugment -> normalize -> random erasing -> mixup/cutmix with label smoothing.
 
-  Returns (images, soft targets [B, num_classes]). Any stage with a zero/empty setting is
-  skipped; label smoothing then still applies to the one-hot targets.
+  `pixels`: the crops as uint8 values [B, H, W, 3] (the input pipeline with normalize=False);
+  `augment_config`: `config.augment`. Returns (normalized images, soft targets [B, K]). A stage
+  set to zero/empty is skipped; label smoothing then still applies to the one-hot targets.
   """
   k_ra, k_re, k_mix = jax.random.split(key, 3)
   c = augment_config
+  pixels = pixels.astype(jnp.float32)
   if c.rand_augment:
-    images = from_pixels(rand_augment(k_ra, to_pixels(images),
-                                      parse_rand_augment(c.rand_augment)))
+    pixels = rand_augment(k_ra, pixels, parse_rand_augment(c.rand_augment))
+  images = from_pixels(pixels)
   if c.reprob > 0:
     images = random_erasing(k_re, images, c.reprob)
   if c.mixup > 0 or c.cutmix > 0:

@@ -57,3 +57,78 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.reconstruction_every_steps = 5000
   return c
+
+
+# Fine-tuning recipe per size (FINETUNE.md; paper Table 9).
+FINETUNE = {
+    "vit_b": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, num_epochs=100),
+    "vit_l": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, num_epochs=50),
+    "vit_h": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, num_epochs=50),
+}
+
+
+def classifier_model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """`VisionTransformer` fields (mae_jax.models.classifier) for one ViT size."""
+  fields = dict(num_classes=1000, img_size=224, in_chans=3, mlp_ratio=4.0, global_pool=True,
+                drop_path=0.0, head_init_std=2e-5, head_batchnorm=False, dtype="bfloat16",
+                scan=False, remat=False, attention_impl=config_dict.placeholder(str))
+  fields.update(MODEL_SIZES[size])
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def _classifier_common(size: str, mode: str) -> ml_collections.ConfigDict:
+  pretrain = pretrain_config(size)
+  c = ml_collections.ConfigDict()
+  c.mode = mode
+  c.seed = 0
+  c.init_from = ""              # a pretraining, converted (mae_jax.convert) or fine-tuned workdir
+  c.input = pretrain.input
+  c.input.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default, as the official code uses
+  c.input.eval_split = config_dict.placeholder(str)  # None = the dataset's held-out split
+  c.input.eval_crop_pct = 0.875  # resize to 256, center crop 224
+  c.eval_batch_size = 1024
+  c.eval_every_steps = 0        # 0 = once per epoch (and always at the end)
+  c.warmup_steps = 0            # > 0 overrides warmup_epochs
+  c.total_steps = 0             # 0 = derive from num_epochs and the dataset size
+  c.mesh = pretrain.mesh
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  return c
+
+
+def finetune_config(size: str) -> ml_collections.ConfigDict:
+  """The paper's end-to-end fine-tuning recipe (Table 9, FINETUNE.md) on ImageNet-1k."""
+  r = FINETUNE[size]
+  c = _classifier_common(size, "finetune")
+  c.model = classifier_model_config(size, drop_path=r["drop_path"])
+  c.input.batch_size = 1024
+  c.augment = ml_collections.ConfigDict(dict(
+      rand_augment="rand-m9-mstd0.5-inc1",  # timm RandAugment string ("" = off)
+      reprob=0.25,              # random erasing probability (mode "pixel")
+      mixup=0.8, cutmix=1.0,    # Beta alphas (0 = off)
+      mixup_prob=1.0, mixup_switch_prob=0.5,
+      smoothing=0.1,            # label smoothing
+  ))
+  c.num_epochs = r["num_epochs"]
+  c.warmup_epochs = 5
+  c.optimizer = ml_collections.ConfigDict(dict(
+      blr=r["blr"], lr=0.0, min_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,
+      layer_decay=r["layer_decay"], grad_accum_steps=1))
+  return c
+
+
+def linprobe_config(size: str) -> ml_collections.ConfigDict:
+  """The paper's linear probing recipe (Table 10): frozen encoder, cls feature, BN + linear,
+  LARS."""
+  c = _classifier_common(size, "linprobe")
+  c.model = classifier_model_config(size, global_pool=False, head_batchnorm=True,
+                                    head_init_std=0.01)
+  c.input.batch_size = 16384
+  c.num_epochs = 90
+  c.warmup_epochs = 10
+  c.optimizer = ml_collections.ConfigDict(dict(
+      blr=0.1, lr=0.0, min_lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001,
+      grad_accum_steps=1))
+  return c

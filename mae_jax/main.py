@@ -10,6 +10,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mae_jax import distributed
+from mae_jax import finetune
 from mae_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).",
@@ -17,7 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_JOBS = {"pretrain": train.train_and_evaluate}
+_JOBS = {"pretrain": train.train_and_evaluate, "finetune": finetune.train_and_evaluate,
+         "linprobe": finetune.train_and_evaluate}
 
 
 def main(argv) -> None:

@@ -44,10 +44,15 @@ def _block(path) -> tuple:
   return False, None
 
 
+def _ndim(leaf) -> int:
+  """ndim of an array or a `jax.ShapeDtypeStruct` (optimizers are built from either)."""
+  return len(leaf.shape) if hasattr(leaf, "shape") else np.ndim(leaf)
+
+
 def _layer_ndim(path, leaf) -> int:
   """The ndim of one layer's param: scanned block params carry an extra leading axis."""
   is_block, index = _block(path)
-  return np.ndim(leaf) - (1 if is_block and index is None else 0)
+  return _ndim(leaf) - (1 if is_block and index is None else 0)
 
 
 def layer_ids(params: Params, depth: int) -> Any:
@@ -70,7 +75,7 @@ def layer_decay_scales(params: Params, depth: int, layer_decay: float) -> Any:
   def leaf_scale(layer_id, leaf):
     s = np.power(float(layer_decay), depth + 1 - np.asarray(layer_id, np.float64))
     if s.ndim:  # scanned: one scale per layer along the leading axis
-      return jnp.asarray(s.reshape((-1,) + (1,) * (np.ndim(leaf) - 1)), jnp.float32)
+      return jnp.asarray(s.reshape((-1,) + (1,) * (_ndim(leaf) - 1)), jnp.float32)
     return float(s)
 
   return jax.tree.map(leaf_scale, layer_ids(params, depth), params)

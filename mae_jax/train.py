@@ -177,12 +177,14 @@ def base_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
-  """Linear warmup from 0, then a half-cycle cosine to 0, evaluated per optimizer step.
+  """Linear warmup from 0, then a half-cycle cosine to `config.optimizer.min_lr` (default 0),
+  evaluated per optimizer step.
 
   The official code sets lr from the fractional epoch step / steps_per_epoch, which is the same
   curve in steps. `config.warmup_steps` > 0 overrides `config.warmup_epochs`.
   """
   base = base_learning_rate(config)
+  floor = config.optimizer.get("min_lr", 0.0)  # fine-tuning's 1e-6
   total = num_train_steps(config, steps_per_epoch)
   warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
   if warmup >= total:
@@ -194,7 +196,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     step = jnp.asarray(step, jnp.float32)
     warm = base * step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
-    return jnp.where(step < warmup, warm, base * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    cosine = floor + (base - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, warm, cosine)
 
   return learning_rate
 

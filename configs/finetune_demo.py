@@ -1,0 +1,32 @@
+"""Fine-tuning demo on the shipped handwritten digits (sklearn_digits: 1437 train, 360 test,
+10 classes), a few minutes on a CPU, starting from the configs/demo.py pretraining run:
+
+    python -m mae_jax.main --config=configs/demo.py --workdir=workdirs/demo
+    python -m mae_jax.main --config=configs/finetune_demo.py --workdir=workdirs/finetune_demo
+
+`--config.init_from=` (empty) trains the same model from a random init, for comparison.
+"""
+
+from mae_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  c = config_lib.finetune_config("vit_b")
+  c.init_from = "workdirs/demo"
+  # The encoder of configs/demo.py; its 8x8 position table is resampled to the 4x4 grid.
+  c.model = config_lib.classifier_model_config(
+      "vit_b", num_classes=10, img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+      drop_path=0.1, dtype="float32")
+  c.input.dataset = "sklearn_digits"
+  c.input.batch_size = 64
+  c.input.num_workers = 0
+  c.eval_batch_size = 120
+  c.total_steps = 300
+  c.warmup_steps = 20
+  c.optimizer.lr = 1e-3
+  c.optimizer.layer_decay = 0.75
+  c.log_every_steps = 20
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  return c

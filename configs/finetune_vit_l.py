@@ -1,0 +1,12 @@
+"""End-to-end fine-tuning of a pretrained MAE ViT-L on ImageNet-1k (RECIPE.md, FINETUNE.md).
+
+    python -m mae_jax.main --config=configs/finetune_vit_l.py --workdir=DIR \
+        --config.init_from=PRETRAIN_WORKDIR
+"""
+
+from mae_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  return config_lib.finetune_config("vit_l")

@@ -1,0 +1,29 @@
+"""Linear-probing demo on the shipped handwritten digits (sklearn_digits), a few minutes on a
+CPU, starting from the configs/demo.py pretraining run:
+
+    python -m mae_jax.main --config=configs/demo.py --workdir=workdirs/demo
+    python -m mae_jax.main --config=configs/linprobe_demo.py --workdir=workdirs/linprobe_demo
+
+`--config.init_from=` (empty) probes a random-init encoder, for comparison.
+"""
+
+from mae_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  c = config_lib.linprobe_config("vit_b")
+  c.init_from = "workdirs/demo"
+  c.model = config_lib.classifier_model_config(
+      "vit_b", num_classes=10, img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+      global_pool=False, head_batchnorm=True, head_init_std=0.01, dtype="float32")
+  c.input.dataset = "sklearn_digits"
+  c.input.batch_size = 256
+  c.input.num_workers = 0
+  c.eval_batch_size = 120
+  c.total_steps = 300
+  c.warmup_steps = 30
+  c.log_every_steps = 20
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  return c

@@ -1,0 +1,388 @@
+"""Fine-tuning and linear probing of a pretrained encoder (config.mode "finetune"/"linprobe").
+
+The official main_finetune.py / main_linprobe.py recipes (RECIPE.md), on the pretraining
+loop's mesh, checkpoints, schedule and logging (mae_jax.train):
+- finetune: every param trained; AdamW with layer-wise lr decay (mae_jax.optim), drop path,
+  RandAugment + random erasing + mixup/cutmix with label smoothing (mae_jax.augment, on device,
+  keyed by (seed, step)), soft-target cross-entropy.
+- linprobe: the encoder frozen (its cls feature under stop_gradient), BatchNorm without affine
+  + linear head trained with LARS, plain cross-entropy.
+Both start from `config.init_from` (a pretraining, converted or fine-tuned workdir), evaluate
+top-1/top-5 (percent) over the whole evaluation split, and write `eval_top1`, `eval_top5` and
+`eval_loss` rows into metrics.jsonl next to the training rows.
+"""
+
+import functools
+import json
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mae_jax import augment
+from mae_jax import checkpoint
+from mae_jax import optim
+from mae_jax import train
+from mae_jax import writers
+from mae_jax.models.classifier import (VisionTransformer, classifier_from_config,
+                                       merge_pretrained)
+
+Params = Dict[str, Any]
+MODES = ("finetune", "linprobe")
+
+
+@flax.struct.dataclass
+class FinetuneState:
+  """What a checkpoint holds. Only `trainable(params)` has optimizer state."""
+  step: jax.Array       # int32 [], optimizer updates done
+  params: Params
+  opt_state: optax.OptState
+  batch_stats: Params   # the linear probe's BatchNorm running statistics ({} otherwise)
+  rng: jax.Array        # uint32 key data; step s augments and drops paths with fold_in(rng, s)
+
+
+def validate_config(config: ml_collections.ConfigDict, *,
+                    device_count: Optional[int] = None) -> None:
+  """Raises ValueError listing every wrong field (with its fix) before anything compiles."""
+  device_count = jax.device_count() if device_count is None else device_count
+  m, o = config.model, config.optimizer
+  errors = []
+
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      errors.append(message)
+
+  check(config.mode in MODES, f"config.mode={config.mode!r} must be one of {MODES}.")
+  check(m.num_classes >= 1, f"config.model.num_classes={m.num_classes} must be the dataset's "
+        f"number of classes (1000 for imagenet2012, 10 for sklearn_digits).")
+  check(m.img_size % m.patch_size == 0, f"config.model.patch_size={m.patch_size} does not "
+        f"divide config.model.img_size={m.img_size}.")
+  check(m.embed_dim % m.num_heads == 0, f"config.model.num_heads={m.num_heads} does not divide "
+        f"config.model.embed_dim={m.embed_dim}.")
+  check(m.dtype in train.COMPUTE_DTYPES,
+        f"config.model.dtype={m.dtype!r} is not one of {train.COMPUTE_DTYPES}.")
+  check(not (m.scan and m.drop_path), "config.model.scan=True cannot use drop path (its rate "
+        "grows with depth): set config.model.scan=False or config.model.drop_path=0.")
+  if config.mode == "linprobe":
+    check(m.head_batchnorm and not m.global_pool and not m.drop_path,
+          "linear probing uses the cls token, a BatchNorm head and no drop path: set "
+          "config.model.global_pool=False, head_batchnorm=True, drop_path=0.")
+  check(o.lr > 0 or o.blr > 0, f"config.optimizer.blr={o.blr} and config.optimizer.lr={o.lr}: "
+        f"set blr > 0 (lr = blr * batch / 256) or lr > 0.")
+  check(0.0 < o.get("layer_decay", 1.0) <= 1.0,
+        f"config.optimizer.layer_decay={o.get('layer_decay')} must lie in (0, 1].")
+  batch, accum = config.input.batch_size, o.grad_accum_steps
+  check(accum >= 1 and batch % accum == 0,
+        f"config.input.batch_size={batch} is not divisible by config.optimizer.grad_accum_steps="
+        f"{accum}.")
+  check(accum >= 1 and (batch // max(accum, 1)) % device_count == 0,
+        f"config.input.batch_size={batch} (micro-batch {batch // max(accum, 1)}) is not "
+        f"divisible by the {device_count} devices.")
+  check(config.mode == "linprobe" or (not (config.augment.mixup or config.augment.cutmix))
+        or batch % 2 == 0, f"config.input.batch_size={batch} must be even for mixup/cutmix.")
+  check(config.eval_batch_size % device_count == 0,
+        f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+        f"{device_count} devices.")
+  if errors:
+    raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
+
+
+def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
+  """The classifier of `config.model`."""
+  return classifier_from_config(config.model)
+
+
+def trainable(params: Params, mode: str) -> Params:
+  """The params the optimizer updates: all of them, or the linear probe's head."""
+  return {"head": params["head"]} if mode == "linprobe" else params
+
+
+def create_optimizer(config: ml_collections.ConfigDict, params: Params,
+                     learning_rate: train.Schedule) -> optax.GradientTransformation:
+  """AdamW with layer-wise lr decay (finetune) or LARS (linprobe), over `trainable(params)`."""
+  o = config.optimizer
+  if config.mode == "linprobe":
+    return optim.lars(learning_rate, weight_decay=o.weight_decay, momentum=o.momentum,
+                      trust_coefficient=o.trust_coefficient)
+  return optim.adamw_layer_decay(learning_rate, params, depth=config.model.depth,
+                                 layer_decay=o.layer_decay, b1=o.b1, b2=o.b2,
+                                 weight_decay=o.weight_decay)
+
+
+def init_state(model: VisionTransformer, config: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation) -> FinetuneState:
+  """Fresh params (the official init), optimizer state, step 0 and the run's key."""
+  params_key, rng = jax.random.split(jax.random.key(config.seed))
+  images = jnp.zeros((2, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  variables = model.init({"params": params_key}, images)
+  params = variables["params"]
+  return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=tx.init(trainable(params, config.mode)),
+                       batch_stats=variables.get("batch_stats", {}),
+                       rng=jax.random.key_data(rng))
+
+
+def abstract_state(model: VisionTransformer, config: ml_collections.ConfigDict,
+                   tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> FinetuneState:
+  """ShapeDtypeStructs of the state carrying their target shardings (nothing allocated)."""
+  shapes = jax.eval_shape(functools.partial(init_state, model, config, tx))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=train.fsdp_sharding(mesh, x.shape)), shapes)
+
+
+def _global_array(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array (the same on every process) placed into `target`'s sharding."""
+  value = np.asarray(value, target.dtype)
+  return jax.make_array_from_callback(value.shape, target.sharding, lambda idx: value[idx])
+
+
+def start_params(config: ml_collections.ConfigDict, params: Params,
+                 target: Params) -> Params:
+  """Fresh params with `config.init_from`'s pretrained ones merged in (logs what is missing)."""
+  if not config.init_from:
+    logging.warning("config.init_from is empty: training from a random init.")
+    return params
+  pretrained, source_config = checkpoint.load_params(config.init_from)
+  grid = None
+  if source_config is not None:
+    g = source_config.model.img_size // source_config.model.patch_size
+    grid = (g, g)
+  merged, report = merge_pretrained(params, pretrained, pretrained_grid=grid)
+  logging.info("Loaded %s from %s.", "pretrained params", config.init_from)
+  for kind in ("missing", "mismatched", "extra"):
+    if report[kind]:
+      logging.info("  %s (%d): %s", kind, len(report[kind]), ", ".join(report[kind]))
+  return jax.tree.map(lambda v, t: v if isinstance(v, jax.Array) else _global_array(v, t),
+                      merged, target)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over the batch of -sum(targets * log_softmax(logits)) (timm's SoftTargetCE)."""
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
+
+
+def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
+               model: VisionTransformer, tx: optax.GradientTransformation,
+               learning_rate: train.Schedule, config: ml_collections.ConfigDict
+               ) -> Tuple[FinetuneState, Dict[str, jax.Array]]:
+  """One optimizer update on a global batch, optionally in micro-batches.
+
+  `images`: uint8 crops for finetune (augmented and normalized here), normalized for linprobe.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  aug_key, drop_key = jax.random.split(key)
+  k = model.num_classes
+  if config.mode == "linprobe":
+    targets = jax.nn.one_hot(labels, k)
+  else:
+    images, targets = augment.finetune_augment(aug_key, images, labels, k, config.augment)
+
+  def loss_fn(weights, batch_stats, images, targets, micro):
+    params = {**state.params, **weights}
+    if config.mode == "linprobe":
+      features = jax.lax.stop_gradient(model.apply({"params": params}, images,
+                                                   method=VisionTransformer.features))
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, features,
+                                    train=True, method=VisionTransformer.classify,
+                                    mutable=["batch_stats"])
+      batch_stats = updates["batch_stats"]
+    else:
+      logits = model.apply({"params": params}, images, train=True,
+                           rngs={"dropout": jax.random.fold_in(drop_key, micro)})
+    return cross_entropy(logits, targets), batch_stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  weights = trainable(state.params, config.mode)
+  accum = config.optimizer.grad_accum_steps
+  if accum == 1:
+    (loss, batch_stats), grads = grad_fn(weights, state.batch_stats, images, targets, 0)
+  else:
+    # As in train.train_step: micro-batch j takes examples j, j + A, ... (spread over devices).
+    b = images.shape[0]
+
+    def split(x):
+      return x.reshape((b // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+
+    def accumulate(carry, micro):
+      loss_sum, grad_sum, stats = carry
+      (loss, stats), grads = grad_fn(weights, stats, *micro)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), stats), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, weights),
+             state.batch_stats)
+    (loss, grads, batch_stats), _ = jax.lax.scan(
+        accumulate, zeros, (split(images), split(targets), jnp.arange(accum)))
+    loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+  updates, opt_state = tx.update(grads, state.opt_state, weights)
+  params = {**state.params, **optax.apply_updates(weights, updates)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "lr": learning_rate(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       batch_stats=batch_stats), metrics
+
+
+def eval_step(params: Params, batch_stats: Params, images: jax.Array, labels: jax.Array,
+              valid: jax.Array, *, model: VisionTransformer) -> Dict[str, jax.Array]:
+  """Sums over the valid examples of a batch: top-1 and top-5 hits, loss, count."""
+  variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  logits = model.apply(variables, images).astype(jnp.float32)
+  _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+  hit = top == labels[:, None]
+  valid = valid.astype(jnp.float32)
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+  return {"top1": jnp.sum(hit[:, 0] * valid), "top5": jnp.sum(hit.any(axis=1) * valid),
+          "loss": jnp.sum(loss * valid), "count": jnp.sum(valid)}
+
+
+def _eval_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = config.input.copy_and_resolve_references()
+  with c.unlocked():
+    c.batch_size = config.eval_batch_size
+  return c
+
+
+def evaluate(config: ml_collections.ConfigDict, state: FinetuneState,
+             eval_fn: Callable, data_sharding: NamedSharding) -> Dict[str, float]:
+  """Top-1 / top-5 accuracy (percent) and loss over the whole evaluation split."""
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  totals = None
+  for batch in input_pipeline.create_iterator(
+      _eval_input(config), image_size=config.model.img_size, seed=config.seed, train=False,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    batch = input_pipeline.to_global(batch, data_sharding)
+    sums = eval_fn(state.params, state.batch_stats, batch["image"], batch["label"],
+                   batch["valid"])
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  n = max(totals["count"], 1.0)
+  return {"eval_top1": 100.0 * totals["top1"] / n, "eval_top5": 100.0 * totals["top5"] / n,
+          "eval_loss": totals["loss"] / n, "eval_examples": int(totals["count"])}
+
+
+def _items(state: FinetuneState, arg: Callable) -> Dict[str, Any]:
+  """checkpoint.save's items, plus the probe's batch statistics when there are any."""
+  items = {"params": arg(state.params), "opt_state": arg(state.opt_state),
+           "meta": arg({"step": state.step, "rng": state.rng})}
+  if state.batch_stats:  # Orbax refuses an empty tree
+    items["batch_stats"] = arg(state.batch_stats)
+  return items
+
+
+def _save(manager, state: FinetuneState, config: ml_collections.ConfigDict, *,
+          force: bool = False) -> None:
+  """Starts saving `state` at its step (the config too, as checkpoint.save does)."""
+  step = int(state.step)
+  if step in manager.all_steps():
+    return
+  items = _items(state, ocp.args.StandardSave)
+  items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+  manager.save(step, force=force, args=ocp.args.Composite(**items))
+
+
+def _restore(manager, target: FinetuneState) -> Optional[FinetuneState]:
+  """The newest checkpoint restored into `target`'s shapes and shardings, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **_items(target, ocp.args.StandardRestore)))
+  logging.info("Resumed from %s/%d.", manager.directory, step)
+  return target.replace(params=restored["params"], opt_state=restored["opt_state"],
+                        batch_stats=restored["batch_stats"] if target.batch_stats else {},
+                        step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
+  """Fine-tunes or linear-probes per `config`, resuming from the newest checkpoint in `workdir`."""
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  validate_config(config)
+  input_pipeline.validate(config.input)
+  batch_size = config.input.batch_size
+  steps_per_epoch = max(1, input_pipeline.num_examples(config.input) // batch_size)
+  total = train.num_train_steps(config, steps_per_epoch)
+  eval_every = config.eval_every_steps or steps_per_epoch
+  learning_rate = train.create_learning_rate_fn(config, steps_per_epoch)
+  mesh = train.make_mesh(config)
+  model = create_model(config)
+  param_shapes = jax.eval_shape(functools.partial(init_state, model, config,
+                                                  optax.identity())).params
+  tx = create_optimizer(config, trainable(param_shapes, config.mode), learning_rate)
+  target = abstract_state(model, config, tx, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.write_config(workdir, config)
+
+  manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  state = _restore(manager, target)
+  if state is None:
+    state = jax.jit(functools.partial(init_state, model, config, tx),
+                    out_shardings=shardings)()
+    state = state.replace(params=start_params(config, state.params, target.params))
+  start = int(state.step)
+  n_train = sum(x.size for x in jax.tree.leaves(trainable(target.params, config.mode)))
+  logging.info("%s: %s trainable params on a %s mesh of %d devices: steps %d -> %d, %d steps "
+               "per epoch, global batch %d.", config.mode, f"{n_train:,}", dict(mesh.shape),
+               jax.device_count(), start, total, steps_per_epoch, batch_size)
+
+  data_sharding = train.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                      learning_rate=learning_rate, config=config),
+                    in_shardings=(shardings, data_sharding, data_sharding),
+                    out_shardings=(shardings, replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                    in_shardings=(shardings.params, shardings.batch_stats, data_sharding,
+                                  data_sharding, data_sharding), out_shardings=replicated)
+  batches = input_pipeline.create_iterator(
+      config.input, image_size=config.model.img_size, seed=config.seed, train=True,
+      start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+      normalize=config.mode != "finetune")  # fine-tuning augments the uint8 crops on device
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  bar = writers.ProgressBar(total, initial=start, enabled=is_main)
+  reporter = train._Reporter(writer, bar, start=start, total=total,  # pylint: disable=protected-access
+                             log_every=config.log_every_steps, batch_size=batch_size,
+                             steps_per_epoch=steps_per_epoch)
+
+  def run_eval(step: int, state: FinetuneState) -> None:
+    reporter.flush()
+    row = evaluate(config, state, eval_fn, data_sharding)
+    bar.clear()
+    logging.info("step %d: eval top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d examples)", step,
+                 row["eval_top1"], row["eval_top5"], row["eval_loss"], row["eval_examples"])
+    writer.write_scalars(step, row)
+
+  step = start
+  with train._Preemption() as preemption:  # pylint: disable=protected-access
+    while step < total:
+      batch = input_pipeline.to_global(next(batches), data_sharding)
+      state, metrics = step_fn(state, batch["image"], batch["label"])
+      step += 1
+      reporter.add(step, metrics)
+      if step == start + 1:
+        reporter.first_step_done(step, metrics)
+      if preemption.reached(step):
+        reporter.flush()
+        _save(manager, state, config, force=True)
+        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
+                        "resume.", step)
+        break
+      if step % config.checkpoint_every_steps == 0 or step == total:
+        _save(manager, state, config)
+      if step % eval_every == 0 or step == total:
+        run_eval(step, state)
+  reporter.flush()
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return state

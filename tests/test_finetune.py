@@ -1,0 +1,150 @@
+"""Fine-tuning and linear probing: the steps, the schedule floor, resume, and a run end to end."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mae_jax import checkpoint, config_lib, finetune, train
+from mae_jax.models import from_config
+
+TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+            dtype="float32")
+
+
+def _config(mode: str, **overrides) -> ml_collections.ConfigDict:
+  if mode == "finetune":
+    c = config_lib.finetune_config("vit_b")
+    c.model = config_lib.classifier_model_config("vit_b", drop_path=0.1, **TINY)
+  else:
+    c = config_lib.linprobe_config("vit_b")
+    c.model = config_lib.classifier_model_config("vit_b", global_pool=False,
+                                                 head_batchnorm=True, head_init_std=0.01,
+                                                 **TINY)
+  c.input.dataset = "sklearn_digits"
+  c.input.batch_size = 8
+  c.input.num_workers = 0
+  c.eval_batch_size = 120
+  c.total_steps = 4
+  c.warmup_steps = 1
+  c.optimizer.lr = 1e-3
+  c.log_every_steps = 2
+  c.eval_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+# RandAugment and erasing have their own tests (test_augment.py); leaving them out here saves
+# XLA compile time on CPU. Mixup/cutmix and drop path stay: they use the per-step keys.
+LIGHT = {"augment.rand_augment": "", "augment.reprob": 0.0}
+
+
+def _setup(config):
+  model = finetune.create_model(config)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  shapes = jax.eval_shape(functools.partial(finetune.init_state, model, config,
+                                            finetune.optax.identity())).params
+  tx = finetune.create_optimizer(config, finetune.trainable(shapes, config.mode), lr)
+  state = jax.jit(functools.partial(finetune.init_state, model, config, tx))()
+  step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, learning_rate=lr,
+                                   config=config))
+  return model, tx, state, step
+
+
+def _batch(mode, seed=0):
+  rng = np.random.default_rng(seed)
+  pixels = rng.integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+  images = pixels if mode == "finetune" else (pixels / 255.0 - 0.45) / 0.225
+  return jnp.asarray(images), jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+
+
+def test_schedule_ends_at_min_lr():
+  c = _config("finetune", **{"optimizer.min_lr": 1e-6, "total_steps": 100, "warmup_steps": 10})
+  lr = train.create_learning_rate_fn(c, steps_per_epoch=10)
+  np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 55, 100)],
+                             [5e-4, 1e-3, 1e-6 + (1e-3 - 1e-6) / 2, 1e-6], rtol=1e-5)
+
+
+def test_linear_probe_trains_only_the_head_and_its_batch_statistics():
+  config = _config("linprobe", warmup_steps=0, warmup_epochs=0)  # lr > 0 at step 0
+  _, _, state, step = _setup(config)
+  before = jax.tree.map(np.asarray, state)
+  state, metrics = step(state, *_batch("linprobe"))
+  assert math.isfinite(float(metrics["loss"]))
+  for name, value in before.params.items():
+    changed = not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(value), jax.tree.leaves(state.params[name])))
+    assert changed == (name == "head"), name
+  assert not np.array_equal(before.batch_stats["head_norm"]["mean"],
+                            state.batch_stats["head_norm"]["mean"])
+  # Optimizer state (LARS momentum) exists for the head only.
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 32 * 10 + 10
+
+
+def test_finetune_resumes_exactly_from_a_checkpoint(tmp_path):
+  config = _config("finetune", **LIGHT)
+  _, _, state, step = _setup(config)
+  images, labels = _batch("finetune")
+  straight = state
+  for _ in range(3):
+    straight, _ = step(straight, images, labels)
+  manager = checkpoint.manager(str(tmp_path), keep=2)
+  resumed, _ = step(state, images, labels)
+  finetune._save(manager, resumed, config)  # pylint: disable=protected-access
+  manager.wait_until_finished()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        resumed)
+  resumed = finetune._restore(manager, target)  # pylint: disable=protected-access
+  manager.close()
+  assert int(resumed.step) == 1
+  for _ in range(2):
+    resumed, _ = step(resumed, images, labels)
+  # Augmentation and drop path are keyed by (seed, step): the same updates after the restart.
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+
+
+def _pretraining_workdir(path) -> str:
+  pre = config_lib.pretrain_config("vit_b")
+  pre.model = config_lib.model_config("vit_b", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                      num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                                      decoder_num_heads=2, dtype="float32")
+  shapes = jax.eval_shape(from_config(pre.model).init, {"params": jax.random.key(0),
+                                                        "mask": jax.random.key(0)},
+                          jnp.zeros((1, 16, 16, 3)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+  checkpoint.save_params(str(path), params, pre)
+  return str(path)
+
+
+def _rows(workdir):
+  with open(f"{workdir}/metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
+  config = _config("finetune", init_from=_pretraining_workdir(tmp_path / "pretrain"), **LIGHT)
+  workdir = str(tmp_path / "finetune")
+  state = finetune.train_and_evaluate(config, workdir)
+  assert int(state.step) == 4
+  # The pretrained encoder went in: its first block's params are the workdir's.
+  pretrained, _ = checkpoint.load_params(config.init_from)
+  np.testing.assert_array_equal(
+      checkpoint.load_params(workdir)[0]["embedding"]["kernel"].shape,
+      pretrained["embedding"]["kernel"].shape)
+  evals = [r for r in _rows(workdir) if "eval_top1" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  for r in evals:
+    assert r["eval_examples"] == 360  # the whole test split, padding excluded
+    assert 0 <= r["eval_top1"] <= r["eval_top5"] <= 100
+  assert [r["step"] for r in _rows(workdir) if "loss" in r] == [2, 4]
+  # Rerunning the command restores the final checkpoint and has nothing left to do.
+  rows = _rows(workdir)
+  again = finetune.train_and_evaluate(config, workdir)
+  assert int(again.step) == 4 and _rows(workdir) == rows
+  jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
