@@ -5,20 +5,31 @@ A training checkpoint holds the items `params`, `opt_state`, `meta` (step and th
 the input position is the step, since the input pipeline is a function of it) and `config`
 (JSON). Arrays are restored onto whatever mesh the abstract target carries, so a checkpoint
 written on 8 devices restores on 1 and the other way round.
+
+Faults: a save killed half-way leaves only a temporary folder (Orbax commits a step by renaming
+it), which is never restored and is deleted at the next start; a committed checkpoint that does
+not read is set aside in WORKDIR/damaged_checkpoints/ and the one before it restored; one of
+another model is refused, naming the fields that differ.
 """
 
 import json
-from typing import Any, Callable, Dict, Optional, Tuple
+import os
+import shutil
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"
 PARAMS = "params"
 CONFIG_JSON = "config.json"
+# Model fields that say how the model computes, not what it is: a run may change them on resume.
+EXECUTION_FIELDS = ("dtype", "remat", "attention_impl")
 
 Params = Dict[str, Any]
 
@@ -38,8 +49,9 @@ def _config_reader(path: epath.Path) -> Optional[Callable[[], ml_collections.Con
 
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   """Asynchronous checkpoints in WORKDIR/checkpoints/<step>, keeping the newest `keep`."""
+  # cleanup_tmp_directories: deletes what a save killed half-way left behind.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True)
+                                         create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options)
 
 
@@ -56,18 +68,166 @@ def save(mngr: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, 
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """The newest checkpoint restored into `abstract_state`'s shapes and shardings, or None."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-      meta=ocp.args.StandardRestore({"step": abstract_state.step, "rng": abstract_state.rng})))
-  logging.info("Resumed from %s/%d.", mngr.directory, step)
-  return abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"],
-                                step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+def check_workdir(workdir: str, *, checkpoint_bytes: int, keep: int) -> None:
+  """Raises OSError, before anything trains, when `workdir` is not writable or its disk lacks
+  room for the checkpoints still to come (`keep` of `checkpoint_bytes`, plus one being written)."""
+  path = epath.Path(workdir)
+  probe = path / f".write_probe.{jax.process_index()}.{os.getpid()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("mae_jax checks that the workdir is writable\n")
+    probe.unlink()
+  except OSError as e:
+    raise OSError(f"--workdir={workdir} is not writable ({type(e).__name__}: {e}); point "
+                  f"--workdir at a directory this job can create and write.") from e
+  if "://" in workdir:  # object stores (gs://...) report no free space
+    return
+  checkpoints = path / CHECKPOINTS
+  existing = len(ocp.utils.checkpoint_steps(checkpoints)) if checkpoints.is_dir() else 0
+  needed = max(1, keep + 1 - existing) * checkpoint_bytes
+  free = shutil.disk_usage(path).free
+  if free < needed:
+    raise OSError(
+        f"--workdir={workdir} has {free / 2**30:.2f} GiB free, but this run needs about "
+        f"{needed / 2**30:.2f} GiB for its checkpoints ({checkpoint_bytes / 2**30:.2f} GiB each; "
+        f"config.keep_checkpoints={keep} kept plus one being written, {existing} there now). "
+        f"Free some space, lower config.keep_checkpoints, or point --workdir at a larger disk.")
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(saved: Dict[str, Any], config: ml_collections.ConfigDict
+                   ) -> Tuple[List[str], List[str]]:
+  """How `config` differs from a checkpoint's saved config, one "config.FIELD: ..." line per
+  field: (the fields that make it another model, the others)."""
+  old = _flatten(saved)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  model, other = [], []
+  for key in sorted(old.keys() | new.keys()):
+    if key in old and key in new and old[key] == new[key]:
+      continue
+    show = lambda d: repr(d[key]) if key in d else "not set"  # pylint: disable=cell-var-from-loop
+    line = f"config.{key}: {show(old)} in the checkpoint, {show(new)} now"
+    field = key.split(".", 1)
+    is_model = key == "mode" or (field[0] == "model" and field[-1] not in EXECUTION_FIELDS)
+    (model if is_model else other).append(line)
+  return model, other
+
+
+def _read_description(path: epath.Path) -> Tuple[Optional[Dict[str, Any]], Any]:
+  """A step folder's saved config (None if it has none) and the shapes of its params."""
+  saved = None
+  if (path / "config").exists():
+    try:
+      saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "config")
+    except ValueError as e:  # the JSON error alone does not say which file
+      raise ValueError(f"{path / 'config'}: unreadable JSON ({e})") from None
+  stored = ocp.StandardCheckpointer().metadata(path / PARAMS).item_metadata
+  if stored is None:
+    raise FileNotFoundError(f"{path / PARAMS}: the params' metadata (_METADATA) is missing or "
+                            f"unreadable")
+  return saved, stored.tree
+
+
+def _summary(error: BaseException) -> str:
+  """The root cause of an error, type and first line, cut short (the outer TensorStore error
+  is pages of spec; its cause names the file and what is wrong with it)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0][:400]}"
+
+
+class WrongModelError(ValueError):
+  """A checkpoint is of another model than the run's config."""
+
+
+def _check_same_model(path: epath.Path, saved: Optional[Dict[str, Any]],
+                      config: Optional[ml_collections.ConfigDict], stored_params: Any,
+                      expected_params: Any) -> None:
+  """WrongModelError naming what differs when the checkpoint at `path` is of another model."""
+  advice = (f"Use a new --workdir for this config, or set those fields back to the checkpoint's "
+            f"(its whole config is in {path}/config/metadata).")
+  if saved is not None and config is not None:
+    model, other = config_changes(saved, config)
+    if model:
+      raise WrongModelError(f"{path} is a checkpoint of another model than this config's: "
+                            + "; ".join(model) + ". " + advice)
+    if other:
+      logging.warning("Resuming from %s with these config changes: %s.", path, "; ".join(other))
+  problems = _shape_problems(stored_params, expected_params)
+  if problems:
+    raise WrongModelError(f"The params in {path} do not fit this config's model (check "
+                          f"config.model): " + "; ".join(problems[:8]) + ". " + advice)
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
+  """Moves damaged step folders to WORKDIR/damaged_checkpoints/, so that the run can write those
+  steps again and nothing reads them by mistake; kept for a post-mortem, not deleted."""
+  if jax.process_index() == 0:
+    damaged = epath.Path(mngr.directory).parent / DAMAGED
+    damaged.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = damaged / str(step)
+      n = 1
+      while target.exists():  # the same step may be damaged again in a later run
+        target, n = damaged / f"{step}.{n}", n + 1
+      (epath.Path(mngr.directory) / str(step)).rename(target)
+      logging.warning("Moved the damaged checkpoint of step %d to %s.", step, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mae_jax: damaged checkpoints set aside")
+  mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
+                   config: Optional[ml_collections.ConfigDict] = None):
+  """The newest checkpoint that restores, into `abstract_state`'s shapes and shardings; None when
+  there is none.
+
+  A half-written checkpoint is never a candidate (see the module docstring). One that fails to
+  read is logged with its error and set aside, and the next older one tried. ValueError when the
+  checkpoint is of another model than `config` (or `abstract_state`); RuntimeError when
+  checkpoints exist but none restores, rather than silently starting from scratch.
+  """
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    path = epath.Path(mngr.directory) / str(step)
+    try:
+      saved, stored_params = _read_description(path)
+      _check_same_model(path, saved, config, stored_params, abstract_state.params)
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.params),
+          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+          meta=ocp.args.StandardRestore({"step": abstract_state.step,
+                                         "rng": abstract_state.rng})))
+    except WrongModelError:
+      raise
+    # TensorStore reports a truncated or missing file as a bare Exception: anything that stops a
+    # committed checkpoint from reading means it is damaged.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failures.append((step, e))
+    else:
+      if failures:
+        _set_aside(mngr, [s for s, _ in failures])
+      logging.info("Resumed from %s.", path)
+      return abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"],
+                                    step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+    logging.warning("The checkpoint %s is damaged, trying the one before it: %s", path,
+                    _summary(failures[-1][1]))
+  if failures:
+    raise RuntimeError(
+        f"No checkpoint in {mngr.directory} restores, so the run stops instead of starting from "
+        f"scratch. " + "; ".join(f"step {s}: {_summary(e)}" for s, e in failures) + ". Restore "
+        f"them from a backup, or move {mngr.directory} away to start afresh.")
+  return None
 
 
 def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict) -> None:
