@@ -4,6 +4,9 @@ Runs the job the config chooses (`config.mode`) in DIR, resuming from its newest
 On a multi-host job every process runs the same command (see mae_jax.distributed).
 """
 
+import logging as std_logging
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,11 +25,20 @@ _JOBS = {"pretrain": train.train_and_evaluate, "finetune": finetune.train_and_ev
          "linprobe": finetune.train_and_evaluate}
 
 
+def _show_own_info_logs() -> None:
+  """INFO lines of mae_jax on stderr; other libraries' from WARNING up (Orbax alone logs every
+  file it writes at INFO)."""
+  logging.set_stderrthreshold(logging.INFO)
+  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(package))
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["stderrthreshold"].present:
-    logging.set_stderrthreshold(logging.INFO)  # the training log belongs on the terminal
+    _show_own_info_logs()
   config = _CONFIG.value
   if config.mode not in _JOBS:
     raise app.UsageError(f"config.mode={config.mode!r} is not one of {sorted(_JOBS)}.")

@@ -18,9 +18,10 @@ from mae_jax import config_lib
 from mae_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS, EVERY = 30, 5
-# A tiny model on the shipped photos; every run shares this config, so one compilation per
-# device count serves all of them (through the compilation cache below).
+STEPS, EVERY = 24, 6
+# A tiny model on the shipped photos (whose decoding keeps a run going for a few seconds, time
+# enough to interrupt it); every run shares this config, so one compilation per device count
+# serves all of them (through the compilation cache below).
 TINY = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
         "--config.keep_checkpoints=10", "--config.log_every_steps=1",
         "--config.warmup_steps=3", "--config.reconstruction_every_steps=0",
@@ -213,10 +214,3 @@ def test_wrong_config_fails_before_compiling_naming_the_field(tmp_path, fields, 
   assert time.time() - started < 30
   assert not list(tmp_path.iterdir())  # nothing written, nothing compiled
 
-
-def test_batch_not_divisible_by_the_devices_fails_at_once(env, tmp_path):
-  result = subprocess.run(_command(tmp_path, devices=8, extra=["--config.input.batch_size=12"]),
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert "config.input.batch_size=12 is not divisible by the 8 devices" in result.stderr
-  assert not (tmp_path / "checkpoints").exists()
