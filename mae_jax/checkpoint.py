@@ -130,11 +130,8 @@ def _read_description(path: epath.Path) -> Tuple[Optional[Dict[str, Any]], Any]:
       saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "config")
     except ValueError as e:  # the JSON error alone does not say which file
       raise ValueError(f"{path / 'config'}: unreadable JSON ({e})") from None
-  stored = ocp.StandardCheckpointer().metadata(path / PARAMS).item_metadata
-  if stored is None:
-    raise FileNotFoundError(f"{path / PARAMS}: the params' metadata (_METADATA) is missing or "
-                            f"unreadable")
-  return saved, stored.tree
+  # The handler, not a Checkpointer: it needs no step metadata inside the item (no warning).
+  return saved, ocp.StandardCheckpointHandler().metadata(path / PARAMS).tree
 
 
 def _summary(error: BaseException) -> str:

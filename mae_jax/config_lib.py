@@ -56,6 +56,8 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.reconstruction_every_steps = 5000
+  # A non-finite loss or gradient stops the run (False) or skips that update (True).
+  c.skip_nonfinite_steps = False
   return c
 
 

@@ -290,8 +290,15 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
     loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": learning_rate(state.step)}
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient leaves params and optimizer state as they were, so nothing
+  # non-finite reaches a checkpoint; the loop then stops or skips (_NonFiniteGuard). The step
+  # still advances: the next update takes the next batch.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -393,6 +400,8 @@ class _Reporter:
            "steps_per_s": steps_per_s,
            "epoch": step / self._steps_per_epoch,
            "eta_s": (self._total - step) / max(steps_per_s, 1e-9)}
+    if "nonfinite" in values[-1]:
+      row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
     self._bar.clear()
     logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f  %.1f img/s  "
                  "ETA %s", step, self._total, row["epoch"], row["loss"], row["lr"],
@@ -400,6 +409,47 @@ class _Reporter:
     self._writer.write_scalars(step, row)
     self._bar.set_postfix(f"loss {row['loss']:.4f}  {row['img_per_s']:.1f} img/s  "
                           f"ETA {writers.format_duration(row['eta_s'])}")
+
+
+class _NonFiniteGuard:
+  """Looks at each step's `nonfinite` flag (the step already kept the old params when it was
+  set): with config.skip_nonfinite_steps the run goes on and counts them, else it stops with
+  the step and the last good checkpoint, before anything after that step is saved."""
+
+  def __init__(self, skip: bool, manager):
+    self._skip, self._manager = skip, manager
+    self._unchecked = []  # (step, metrics) not looked at yet
+    self.skipped = 0
+
+  def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+    self._unchecked.append((step, metrics))
+
+  def check(self, *, all_steps: bool) -> None:
+    """Looks at the steps recorded so far; all but the newest unless `all_steps` (waiting for
+    the step just dispatched would idle the device; before a save it must be looked at)."""
+    ready = self._unchecked if all_steps else self._unchecked[:-1]
+    self._unchecked = self._unchecked[len(ready):]
+    values = jax.device_get([m for _, m in ready])
+    bad = [(step, v) for (step, _), v in zip(ready, values) if v["nonfinite"]]
+    if not bad:
+      return
+    if self._skip:
+      self.skipped += len(bad)
+      logging.warning("Skipped the update of step(s) %s: non-finite loss or gradient "
+                      "(config.skip_nonfinite_steps=True); %d skipped in this run.",
+                      [step for step, _ in bad], self.skipped)
+      return
+    step, v = bad[0]
+    self._manager.wait_until_finished()  # the last good checkpoint is complete before we stop
+    last = self._manager.latest_step()
+    where = (f"the last good checkpoint is {self._manager.directory}/{last} (step {last}); "
+             f"running the same command resumes from it" if last is not None else
+             "no checkpoint was saved before it")
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at step {step} (loss {v['loss']}, grad_norm "
+        f"{v['grad_norm']}): stopped, saving nothing from step {step} on; {where}. "
+        f"Set config.skip_nonfinite_steps=True to skip such updates instead; if they recur, "
+        f"lower config.optimizer.blr (or lr) or lengthen the warmup.")
 
 
 def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.MaskedAutoencoder,
@@ -444,11 +494,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = create_optimizer(config, learning_rate)
   abstract_state = abstract_train_state(model, tx, config.seed, mesh)
   is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_config(workdir, config)
-
+  checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
   manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  state = checkpoint.restore_latest(manager, abstract_state)
+  state = checkpoint.restore_latest(manager, abstract_state, config)
+  if is_main:  # only now: a refused workdir keeps the config.json of its checkpoints
+    checkpoint.write_config(workdir, config)
   if state is None:
     state = create_train_state(model, tx, config.seed, abstract_state)
     if checkpoint.has_params(workdir):
@@ -473,6 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        log_every=config.log_every_steps, batch_size=batch_size,
                        steps_per_epoch=steps_per_epoch)
   write_reconstructions = _reconstruction_writer(config, model, mesh, workdir, writer)
+  guard = _NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
   step = start
   with _Preemption() as preemption:
@@ -481,15 +533,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state, metrics = step_fn(state, batch["image"])
       step += 1
       reporter.add(step, metrics)
+      guard.add(step, metrics)
       if step == start + 1:
         reporter.first_step_done(step, metrics)
-      if preemption.reached(step):
+      preempted = preemption.reached(step)
+      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
+      if saving or step % config.log_every_steps == 0:
+        guard.check(all_steps=saving)
+      if preempted:
         reporter.flush()
         checkpoint.save(manager, state, config, force=True)
         logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
                         "resume.", step)
         break
-      if step % config.checkpoint_every_steps == 0 or step == total:
+      if saving:
         checkpoint.save(manager, state, config)
       if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
           and step < total):
