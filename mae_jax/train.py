@@ -98,7 +98,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
   batch, accum = config.input.batch_size, o.grad_accum_steps
   check(batch % accum == 0,
         f"config.input.batch_size={batch} is not divisible by config.optimizer.grad_accum_steps="
-        f"{accum}; the global batch is split into that many equal micro-batches.")
+        f"{accum}; the global batch is split into that many equal micro-batches, so choose a "
+        f"divisor of {batch}.")
   check(batch % process_count == 0,
         f"config.input.batch_size={batch} is not divisible by the {process_count} processes; "
         f"use a multiple of {process_count}.")
