@@ -1,0 +1,113 @@
+"""The benchmark command end to end without TensorFlow, and the FLOP count it divides by."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mae_jax import config_lib
+from mae_jax.benchmarks.flops import train_flops_per_image
+from mae_jax.models import from_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ("img_per_s", "tflops", "mfu", "peak_memory_gb", "compile_s")
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+            decoder_depth=2, decoder_num_heads=4)
+
+# Runs in a fresh interpreter where TensorFlow cannot be imported, as on the GPU hosts.
+WITHOUT_TF = """
+import sys
+for name in ("tensorflow", "tensorflow_datasets"):
+  sys.modules[name] = None
+try:
+  import tensorflow
+except ImportError:
+  pass
+else:
+  raise SystemExit("the TensorFlow blocker did not work")
+"""
+
+
+def _python(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", WITHOUT_TF + code, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_importing_the_benchmark_needs_no_tensorflow():
+  proc = _python("import mae_jax.benchmark, mae_jax.benchmarks.torch_reference\n"
+                 "loaded = [m for m, v in sys.modules.items() if m.startswith('tensorflow') and v]\n"
+                 "print(loaded)")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_benchmark_runs_end_to_end_and_ends_with_one_json_line():
+  proc = _python("import runpy\nsys.argv = ['mae_jax.benchmark'] + sys.argv[1:]\n"
+                 "runpy.run_module('mae_jax.benchmark', run_name='__main__')",
+                 "--config=configs/demo.py", "--batch_size=8", "--steps=2", "--warmup=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  for key in REQUIRED:
+    assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+  assert result["batch_size"] == 8 and result["steps"] == 2
+  assert math.isfinite(result["loss"])
+  # The TFLOP/s figure is the FLOP count over the measured step time.
+  expected = result["train_gflops_per_image"] * 8 / result["step_s"] / 1e3
+  assert result["tflops"] == pytest.approx(expected, rel=1e-6)
+  assert result["mfu"] == pytest.approx(result["tflops"] / result["peak_tflops_per_device"])
+
+
+def test_bad_benchmark_flags_are_refused_with_the_fix():
+  proc = _python("import runpy\nsys.argv = ['mae_jax.benchmark'] + sys.argv[1:]\n"
+                 "runpy.run_module('mae_jax.benchmark', run_name='__main__')",
+                 "--config=configs/demo.py", "--batch_size=0", "--steps=1", timeout=300)
+  assert proc.returncode != 0
+  assert "config.input.batch_size=0 must be at least 1" in proc.stderr
+
+
+def test_train_flops_match_a_hand_count_for_a_tiny_model():
+  m = config_lib.model_config("vit_b", **TINY)
+  # L = 16 patches of 8*8*3 = 192 values; 4 kept + cls = 5 encoder tokens, 17 decoder tokens.
+  patch_embed = 16 * 192 * 64
+  encoder_block = 3 * 5 * 64 * 64 + 2 * 5 * 5 * 64 + 5 * 64 * 64 + 2 * 5 * 64 * 256
+  decoder_embed = 5 * 64 * 32
+  decoder_block = 3 * 17 * 32 * 32 + 2 * 17 * 17 * 32 + 17 * 32 * 32 + 2 * 17 * 32 * 128
+  pred = 17 * 32 * 192
+  macs = patch_embed + 2 * encoder_block + decoder_embed + 2 * decoder_block + pred
+  assert macs == 1_264_000
+  assert train_flops_per_image(m, 0.75) == 3 * 2 * macs
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general in a jaxpr, nested jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          total += _dot_flops(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          total += _dot_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.0])
+def test_train_flops_are_three_times_the_matmuls_the_model_runs(mask_ratio):
+  m = config_lib.model_config("vit_b", dtype="float32", **TINY)
+  model = from_config(m)
+  images = jnp.zeros((2, 32, 32, 3))
+  params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0),
+                                              "mask": jax.random.key(1)}, images)["params"])
+  noise = jnp.zeros((2, 16))
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, mask_ratio=mask_ratio,
+                                               noise=noise))(params)
+  assert 3 * _dot_flops(jaxpr.jaxpr) == 2 * train_flops_per_image(m, mask_ratio)
