@@ -5,7 +5,6 @@ inside `train_and_evaluate` only, so GPU hosts can run the step, tests and bench
 """
 
 import functools
-import math
 import signal
 import time
 from typing import Any, Callable, Dict, Optional, Tuple

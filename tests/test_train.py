@@ -225,3 +225,22 @@ def test_importing_train_does_not_import_tensorflow():
   code = ("import sys, mae_jax.models, mae_jax.train, mae_jax.main, mae_jax.visualize; "
           "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'tf'")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bf16_compute_keeps_float32_params_and_optimizer_state():
+  config = _config(**{"model.dtype": "bfloat16"})
+  mesh = jax.make_mesh((1, 1), train.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = models.from_config(config.model)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  tx = train.create_optimizer(config, lr)
+  abstract = train.abstract_train_state(model, tx, config.seed, mesh)
+  step = train.jit_train_step(config, model, tx, lr, abstract, mesh)
+  images = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+  new_state, metrics = jax.eval_shape(step, abstract, images)
+  dtypes = {x.dtype for x in jax.tree.leaves((new_state.params, new_state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  assert metrics["loss"].dtype == jnp.float32
+  # The matmuls themselves run in bfloat16 (lowering only; nothing is compiled).
+  hlo = step.lower(abstract, images).as_text()
+  assert "bf16" in hlo and "dot_general" in hlo
