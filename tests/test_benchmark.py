@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from mae_jax import config_lib
+from mae_jax.benchmarks import gpu_all
 from mae_jax.benchmarks.flops import train_flops_per_image
 from mae_jax.models import from_config
 
@@ -111,3 +112,25 @@ def test_train_flops_are_three_times_the_matmuls_the_model_runs(mask_ratio):
   jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, mask_ratio=mask_ratio,
                                                noise=noise))(params)
   assert 3 * _dot_flops(jaxpr.jaxpr) == 2 * train_flops_per_image(m, mask_ratio)
+
+
+def test_gpu_all_records_every_run_and_skips_what_the_budget_leaves_out(tmp_path):
+  gpu_all.main(["--out", str(tmp_path), "--budget_s", "0", "--peak_size", "64"])
+  rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert rows[0]["status"] == "ok" and rows[0]["peak_tflops"] > 0
+  names = [run["name"] for run in gpu_all.plan(256, 10, 3)]
+  assert [r["name"] for r in rows[1:]] == names
+  assert all(r["status"] == "skipped (time budget)" for r in rows[1:])
+  table = (tmp_path / "results.md").read_text()
+  assert all(f"| {name} |" in table for name in names)
+
+
+def test_gpu_all_table_gives_each_run_its_ratio_to_torch_eager_of_the_same_size():
+  rows = [dict(name="torch_eager_vit_l", size="vit_l", status="ok", img_per_s=2000.0,
+               tflops=249.0, mfu=0.31, peak_memory_gb=24.0),
+          dict(name="ours_vit_l", size="vit_l", status="ok", img_per_s=3000.0, tflops=373.6,
+               mfu=0.46, peak_memory_gb=20.0, compile_s=41.0),
+          dict(name="ours_vit_h", size="vit_h", status="failed (rc 1)")]
+  table = gpu_all.markdown(rows)
+  assert "| ours_vit_l | 3,000 | 1.50x | 374 | 46.0% | 20.0 | 41 | ok |" in table
+  assert "| ours_vit_h | | | | | | | failed (rc 1) |" in table
