@@ -136,10 +136,9 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
   if "decoder_pred" not in params:
     raise ValueError(f"The params in {path} have no decoder (a released encoder-only "
                      f"checkpoint?); reconstructions need a *_full checkpoint.")
-  fields = {k: v for k, v in dict(model_config).items() if k != "mask_ratio"}
   # Whatever the training compute dtype, render in float32 with the params' own layout.
-  model = models.MaskedAutoencoder(**{**fields, "dtype": "float32",
-                                      "scan": models.is_scanned(params)})
+  model = models.from_config(model_config).clone(dtype="float32",
+                                                 scan=models.is_scanned(params))
   pixels = (load_images(images, model.img_size) if images
             else sample_images(model.img_size))
   noise = fixed_noise(seed, pixels.shape[0], (model.img_size // model.patch_size) ** 2)
