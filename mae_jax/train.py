@@ -379,12 +379,17 @@ class _Reporter:
       self._pending, self._history = (step, self._history), []
     self._bar.update(step)
 
-  def flush(self) -> None:
-    """Reports the interval that has ended, if any (blocks until its last step is done)."""
-    if self._pending is None:
-      return
-    step, history = self._pending
-    self._pending = None
+  def flush(self, upto: Optional[int] = None) -> None:
+    """Reports the interval that has ended, if any (blocks until its last step is done); with
+    `upto`, also the steps after it up to that step (a run stopping between log steps)."""
+    if self._pending is not None:
+      self._report(*self._pending)
+      self._pending = None
+    if upto is not None and self._history:
+      self._report(upto, self._history)
+      self._history = []
+
+  def _report(self, step: int, history: list) -> None:
     values = jax.device_get(history)
     now = time.time()
     mark_step, mark_time = self._mark
@@ -541,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if saving or step % config.log_every_steps == 0:
         guard.check(all_steps=saving)
       if preempted:
-        reporter.flush()
+        reporter.flush(upto=step)
         checkpoint.save(manager, state, config, force=True)
         logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
                         "resume.", step)
@@ -551,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
           and step < total):
         write_reconstructions(state.params, step)
-  reporter.flush()
+  reporter.flush(upto=step)
   bar.close()
   if step == total:
     write_reconstructions(state.params, step)
