@@ -31,9 +31,27 @@ WHEELS = os.path.join(REPO, "benchmarks", "wheels")
 XLA_GPU_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
 # A run is started only with this much of the budget left (a ViT step compiles in tens of s).
 MIN_RUN_S = 45.0
-PEAK_CODE = ("import json, sys, jax.numpy as jnp; from mae_jax.benchmark import matmul_peak_tflops; "
-             "print(json.dumps(dict(peak_tflops=matmul_peak_tflops(jnp.bfloat16, int(sys.argv[1]), "
-             "20))))")
+ENV_CODE = ("import sys; from mae_jax.benchmarks.gpu_all import environment; "
+            "environment(int(sys.argv[1]))")
+
+
+def environment(peak_size: int) -> None:
+  """Prints one JSON line: the bf16 matmul peak of device 0, the device and package versions."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mae_jax.benchmark import matmul_peak_tflops  # pylint: disable=g-import-not-at-top
+
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "torch",
+               "transformers"):
+    try:
+      versions[name] = getattr(importlib.import_module(name), "__version__", "?")
+    except ImportError as e:
+      versions[name] = f"missing ({e})"
+  print(json.dumps(dict(peak_tflops=matmul_peak_tflops(jnp.bfloat16, peak_size, 20),
+                        device_kind=jax.devices()[0].device_kind,
+                        device_count=jax.device_count(), versions=versions)))
 
 
 def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
@@ -77,7 +95,7 @@ def _env(xla_flags: str) -> Dict[str, str]:
   return env
 
 
-def _run(cmd: List[str], xla_flags: str, timeout: float, log) -> Dict[str, Any]:
+def run_python(cmd: List[str], xla_flags: str, timeout: float, log) -> Dict[str, Any]:
   """Runs one python command; its last stdout line parsed as JSON, or why it failed."""
   start = time.perf_counter()
   try:
@@ -149,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> None:
       results.flush()
       print(json.dumps(row), flush=True)
 
-    peak = _run(["-c", PEAK_CODE, str(args.peak_size)], "", args.run_cap_s, log)
+    peak = run_python(["-c", ENV_CODE, str(args.peak_size)], "", args.run_cap_s, log)
     record(dict(peak, name=f"jax_bf16_matmul_{args.peak_size}"))
     peak_flag = ([f"--peak_tflops={peak['peak_tflops']}"] if peak["status"] == "ok" else [])
     only = set(filter(None, args.only.split(",")))
@@ -163,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         record(dict(meta, status="skipped (time budget)"))
         continue
       cmd = run["cmd"] + (peak_flag if run["impl"] == "mae_jax" else [])
-      result = {**_run(cmd, run["xla_flags"], min(args.run_cap_s, left), log), **meta}
+      result = {**run_python(cmd, run["xla_flags"], min(args.run_cap_s, left), log), **meta}
       if run["impl"] == "torch" and result["status"] == "ok" and peak_flag:
         result["mfu"] = result["tflops"] / peak["peak_tflops"]
       record(result)
