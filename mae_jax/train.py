@@ -355,10 +355,10 @@ class _Reporter:
   fetched only once the following step has been dispatched."""
 
   def __init__(self, writer: writers.MetricWriter, bar: writers.ProgressBar, *, start: int,
-               total: int, log_every: int, batch_size: int, steps_per_epoch: int):
+               total: int, log_every: int, batch_size: int, num_examples: int):
     self._writer, self._bar = writer, bar
     self._total, self._log_every = total, log_every
-    self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
+    self._batch_size, self._num_examples = batch_size, num_examples
     self._history = []
     self._pending = None
     self._start = (start, time.time())
@@ -403,7 +403,7 @@ class _Reporter:
            "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
            "img_per_s": steps_per_s * self._batch_size,
            "steps_per_s": steps_per_s,
-           "epoch": step / self._steps_per_epoch,
+           "epoch": step * self._batch_size / self._num_examples,  # passes over the data
            "eta_s": (self._total - step) / max(steps_per_s, 1e-9)}
     if "nonfinite" in values[-1]:
       row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
@@ -491,7 +491,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   validate_config(config)
   input_pipeline.validate(config.input)
   batch_size = config.input.batch_size
-  steps_per_epoch = max(1, input_pipeline.num_examples(config.input) // batch_size)
+  num_examples = input_pipeline.num_examples(config.input)
+  steps_per_epoch = max(1, num_examples // batch_size)
   total = num_train_steps(config, steps_per_epoch)
   learning_rate = create_learning_rate_fn(config, steps_per_epoch)
   mesh = make_mesh(config)
@@ -527,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   bar = writers.ProgressBar(total, initial=start, enabled=is_main)
   reporter = _Reporter(writer, bar, start=start, total=total,
                        log_every=config.log_every_steps, batch_size=batch_size,
-                       steps_per_epoch=steps_per_epoch)
+                       num_examples=num_examples)
   write_reconstructions = _reconstruction_writer(config, model, mesh, workdir, writer)
   guard = _NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
