@@ -2,9 +2,10 @@
 WORKDIR/params.
 
 A training checkpoint holds the items `params`, `opt_state`, `meta` (step and the noise key:
-the input position is the step, since the input pipeline is a function of it) and `config`
-(JSON). Arrays are restored onto whatever mesh the abstract target carries, so a checkpoint
-written on 8 devices restores on 1 and the other way round.
+the input position is the step, since the input pipeline is a function of it), `config`
+(JSON) and any further field of the state (fine-tuning's `batch_stats`). Arrays are restored
+onto whatever mesh the abstract target carries, so a checkpoint written on 8 devices restores
+on 1 and the other way round.
 
 Faults: a save killed half-way leaves only a temporary folder (Orbax commits a step by renaming
 it), which is never restored and is deleted at the next start; a committed checkpoint that does
@@ -12,6 +13,7 @@ not read is set aside in WORKDIR/damaged_checkpoints/ and the one before it rest
 another model is refused, naming the fields that differ.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -55,16 +57,24 @@ def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options)
 
 
+def _items(state, arg: Callable) -> Dict[str, Any]:
+  """The checkpoint items of a state dataclass: `meta` (step, rng) and each other field, except
+  empty ones (Orbax refuses an empty tree), each wrapped in `arg`."""
+  items = {f.name: arg(getattr(state, f.name)) for f in dataclasses.fields(state)
+           if f.name not in ("step", "rng") and jax.tree.leaves(getattr(state, f.name))}
+  items["meta"] = arg({"step": state.step, "rng": state.rng})
+  return items
+
+
 def save(mngr: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, *,
          force: bool = False) -> None:
-  """Starts saving `state` (a train.TrainState) at its step; returns once arrays are copied."""
+  """Starts saving `state` (a train.TrainState or another state dataclass with `step` and
+  `rng`) at its step; returns once arrays are copied."""
   step = int(state.step)
   if step in mngr.all_steps():
     return
   mngr.save(step, force=force, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      opt_state=ocp.args.StandardSave(state.opt_state),
-      meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+      **_items(state, ocp.args.StandardSave),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
 
 
@@ -200,11 +210,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
     try:
       saved, stored_params = _read_description(path)
       _check_same_model(path, saved, config, stored_params, abstract_state.params)
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_state.params),
-          opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-          meta=ocp.args.StandardRestore({"step": abstract_state.step,
-                                         "rng": abstract_state.rng})))
+      items = _items(abstract_state, ocp.args.StandardRestore)
+      restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except WrongModelError:
       raise
     # TensorStore reports a truncated or missing file as a bare Exception: anything that stops a
@@ -215,7 +222,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
       if failures:
         _set_aside(mngr, [s for s, _ in failures])
       logging.info("Resumed from %s.", path)
-      return abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"],
+      return abstract_state.replace(**{k: restored[k] for k in items if k != "meta"},
                                     step=restored["meta"]["step"], rng=restored["meta"]["rng"])
     logging.warning("The checkpoint %s is damaged, trying the one before it: %s", path,
                     _summary(failures[-1][1]))

@@ -91,12 +91,14 @@ def _classifier_common(size: str, mode: str) -> ml_collections.ConfigDict:
   c.input.eval_crop_pct = 0.875  # resize to 256, center crop 224
   c.eval_batch_size = 1024
   c.eval_every_steps = 0        # 0 = once per epoch (and always at the end)
+  c.eval_only = False           # evaluate init_from (or the workdir's checkpoint) and stop
   c.warmup_steps = 0            # > 0 overrides warmup_epochs
   c.total_steps = 0             # 0 = derive from num_epochs and the dataset size
   c.mesh = pretrain.mesh
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.skip_nonfinite_steps = False  # as in pretraining: stop (False) or skip such an update
   return c
 
 

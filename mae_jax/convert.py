@@ -89,6 +89,9 @@ def params_from_torch(state_dict: Mapping[str, Any], scan: bool = False) -> Para
   if "mask_token" in sd:
     _set(params, ("mask_token",), sd["mask_token"])
     used.add("mask_token")
+  if "head.weight" in sd and "pos_embed" in sd:
+    # A fine-tuned classifier trained its position table: keep it (the classifier's param).
+    _set(params, ("pos_embedding",), sd["pos_embed"])
   for prefix, path, kind in _TOP_MAP:
     _put(params, sd, prefix, path, kind, used)
   for stack, (outer, block) in _STACKS.items():
@@ -158,6 +161,8 @@ def params_to_torch(params: Params, img_size: Optional[int] = None,
   sd["patch_embed.proj.bias"] = get(("embedding", "bias"))
   if has(("mask_token",)):
     sd["mask_token"] = get(("mask_token",))
+  if has(("pos_embedding",)):  # a classifier's learned table
+    sd["pos_embed"] = get(("pos_embedding",))
   for prefix, path, kind in _TOP_MAP:
     put(prefix, path, kind)
   for stack, (outer, block) in _STACKS.items():
@@ -172,7 +177,7 @@ def params_to_torch(params: Params, img_size: Optional[int] = None,
       for suffix, path, kind in _BLOCK_MAP:
         put(f"{stack}.{i}.{suffix}", base + path, kind)
       i += 1
-  if img_size is not None:
+  if img_size is not None and "pos_embed" not in sd:
     p = patch_size or kernel.shape[0]
     grid = (img_size // p, img_size // p)
     sd["pos_embed"] = F.sincos_pos_embed_2d(kernel.shape[-1], grid)[None]
@@ -209,13 +214,16 @@ def main(argv) -> None:
   del argv
   from absl import logging  # pylint: disable=g-import-not-at-top
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import classifier as vit  # pylint: disable=g-import-not-at-top
   from mae_jax.models.mae import from_config  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   state_dict = load_torch_state_dict(_TORCH_CHECKPOINT.value)
   params = params_from_torch(state_dict, scan=bool(config.model.scan))
-  model = from_config(config.model)
+  # A fine-tuning config (configs/finetune_*.py) takes a fine-tuned classifier checkpoint.
+  classifier = config.get("mode", "pretrain") != "pretrain"
+  model = vit.classifier_from_config(config.model) if classifier else from_config(config.model)
   # Check every converted array against the shapes the config's model expects.
   expected = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(0)},
@@ -225,7 +233,8 @@ def main(argv) -> None:
     raise ValueError(f"{_TORCH_CHECKPOINT.value} does not fit --config's model "
                      f"(check model size, patch_size and img_size): " + "; ".join(problems[:8]))
   checkpoint.save_params(_WORKDIR.value, params, config)
-  kind = "full (encoder + decoder)" if "decoder_pred" in params else "encoder-only"
+  kind = ("classifier" if classifier else
+          "full (encoder + decoder)" if "decoder_pred" in params else "encoder-only")
   logging.info("wrote %s params (%d arrays) to %s", kind, len(jax.tree.leaves(params)),
                _WORKDIR.value)
 

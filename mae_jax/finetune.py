@@ -13,7 +13,6 @@ top-1/top-5 (percent) over the whole evaluation split, and write `eval_top1`, `e
 """
 
 import functools
-import json
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.struct
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -223,8 +221,15 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
     loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, weights)
   params = {**state.params, **optax.apply_updates(weights, updates)}
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": learning_rate(state.step)}
+  grad_norm = optax.tree.norm(grads)
+  # As in train.train_step: a non-finite loss or gradient keeps the old state (the official
+  # code stops there; train._NonFiniteGuard stops or skips).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state, batch_stats = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (params, opt_state, batch_stats),
+      (state.params, state.opt_state, state.batch_stats))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        batch_stats=batch_stats), metrics
 
@@ -267,39 +272,6 @@ def evaluate(config: ml_collections.ConfigDict, state: FinetuneState,
           "eval_loss": totals["loss"] / n, "eval_examples": int(totals["count"])}
 
 
-def _items(state: FinetuneState, arg: Callable) -> Dict[str, Any]:
-  """checkpoint.save's items, plus the probe's batch statistics when there are any."""
-  items = {"params": arg(state.params), "opt_state": arg(state.opt_state),
-           "meta": arg({"step": state.step, "rng": state.rng})}
-  if state.batch_stats:  # Orbax refuses an empty tree
-    items["batch_stats"] = arg(state.batch_stats)
-  return items
-
-
-def _save(manager, state: FinetuneState, config: ml_collections.ConfigDict, *,
-          force: bool = False) -> None:
-  """Starts saving `state` at its step (the config too, as checkpoint.save does)."""
-  step = int(state.step)
-  if step in manager.all_steps():
-    return
-  items = _items(state, ocp.args.StandardSave)
-  items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
-  manager.save(step, force=force, args=ocp.args.Composite(**items))
-
-
-def _restore(manager, target: FinetuneState) -> Optional[FinetuneState]:
-  """The newest checkpoint restored into `target`'s shapes and shardings, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **_items(target, ocp.args.StandardRestore)))
-  logging.info("Resumed from %s/%d.", manager.directory, step)
-  return target.replace(params=restored["params"], opt_state=restored["opt_state"],
-                        batch_stats=restored["batch_stats"] if target.batch_stats else {},
-                        step=restored["meta"]["step"], rng=restored["meta"]["rng"])
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> FinetuneState:
   """Fine-tunes or linear-probes per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -307,7 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   validate_config(config)
   input_pipeline.validate(config.input)
   batch_size = config.input.batch_size
-  steps_per_epoch = max(1, input_pipeline.num_examples(config.input) // batch_size)
+  num_examples = input_pipeline.num_examples(config.input)
+  steps_per_epoch = max(1, num_examples // batch_size)
   total = train.num_train_steps(config, steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   learning_rate = train.create_learning_rate_fn(config, steps_per_epoch)
@@ -319,11 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   target = abstract_state(model, config, tx, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, target)
   is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_config(workdir, config)
-
+  checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(target)))
   manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  state = _restore(manager, target)
+  state = checkpoint.restore_latest(manager, target, config)
+  if is_main:  # only now: a refused workdir keeps the config.json of its checkpoints
+    checkpoint.write_config(workdir, config)
   if state is None:
     state = jax.jit(functools.partial(init_state, model, config, tx),
                     out_shardings=shardings)()
@@ -343,42 +317,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(shardings.params, shardings.batch_stats, data_sharding,
                                   data_sharding, data_sharding), out_shardings=replicated)
-  batches = input_pipeline.create_iterator(
-      config.input, image_size=config.model.img_size, seed=config.seed, train=True,
-      start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-      normalize=config.mode != "finetune")  # fine-tuning augments the uint8 crops on device
   writer = writers.MetricWriter(workdir, enabled=is_main)
-  bar = writers.ProgressBar(total, initial=start, enabled=is_main)
-  reporter = train._Reporter(writer, bar, start=start, total=total,  # pylint: disable=protected-access
-                             log_every=config.log_every_steps, batch_size=batch_size,
-                             steps_per_epoch=steps_per_epoch)
 
   def run_eval(step: int, state: FinetuneState) -> None:
-    reporter.flush()
     row = evaluate(config, state, eval_fn, data_sharding)
-    bar.clear()
     logging.info("step %d: eval top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d examples)", step,
                  row["eval_top1"], row["eval_top5"], row["eval_loss"], row["eval_examples"])
     writer.write_scalars(step, row)
 
+  if config.eval_only:  # e.g. a converted official fine-tuned checkpoint as config.init_from
+    run_eval(start, state)
+    manager.close()
+    writer.close()
+    return state
+
+  batches = input_pipeline.create_iterator(
+      config.input, image_size=config.model.img_size, seed=config.seed, train=True,
+      start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+      normalize=config.mode != "finetune")  # fine-tuning augments the uint8 crops on device
+  bar = writers.ProgressBar(total, initial=start, enabled=is_main)
+  # pylint: disable=protected-access
+  reporter = train._Reporter(writer, bar, start=start, total=total,
+                             log_every=config.log_every_steps, batch_size=batch_size,
+                             num_examples=num_examples)
+  guard = train._NonFiniteGuard(config.skip_nonfinite_steps, manager)
+
   step = start
-  with train._Preemption() as preemption:  # pylint: disable=protected-access
+  with train._Preemption() as preemption:
     while step < total:
       batch = input_pipeline.to_global(next(batches), data_sharding)
       state, metrics = step_fn(state, batch["image"], batch["label"])
       step += 1
       reporter.add(step, metrics)
+      guard.add(step, metrics)
       if step == start + 1:
         reporter.first_step_done(step, metrics)
-      if preemption.reached(step):
+      preempted = preemption.reached(step)
+      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
+      if saving or step % config.log_every_steps == 0:
+        guard.check(all_steps=saving)
+      if preempted:
         reporter.flush()
-        _save(manager, state, config, force=True)
+        checkpoint.save(manager, state, config, force=True)
         logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
                         "resume.", step)
         break
-      if step % config.checkpoint_every_steps == 0 or step == total:
-        _save(manager, state, config)
+      if saving:
+        checkpoint.save(manager, state, config)
       if step % eval_every == 0 or step == total:
+        reporter.flush()
+        bar.clear()
         run_eval(step, state)
   reporter.flush()
   bar.close()

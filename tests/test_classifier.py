@@ -187,3 +187,17 @@ def test_heads_follow_the_official_inits_and_batchnorm():
   np.testing.assert_allclose(logits, normed @ np.asarray(head["kernel"]), atol=1e-6)
   np.testing.assert_allclose(updates["batch_stats"]["head_norm"]["mean"], 0.1 * f.mean(0),
                              rtol=1e-5, atol=1e-7)
+
+
+def test_official_fine_tuned_state_dicts_convert_with_their_learned_table():
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  model = VisionTransformer(**VIT, global_pool=True)
+  params = _load(model)["params"]
+  params["pos_embedding"] = params["pos_embedding"] + 0.5  # as if trained
+  sd = convert.params_to_torch(params, img_size=32)
+  assert {"pos_embed", "fc_norm.weight", "head.weight"} <= set(sd)
+  assert "norm.weight" not in sd  # the official global-pool model deletes it
+  np.testing.assert_array_equal(sd["pos_embed"], params["pos_embedding"])
+  back = convert.params_from_torch(sd)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  assert jax.tree.map(np.shape, back) == jax.tree.map(lambda x: x.shape, _shapes(model)["params"])

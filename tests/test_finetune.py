@@ -95,11 +95,11 @@ def test_finetune_resumes_exactly_from_a_checkpoint(tmp_path):
     straight, _ = step(straight, images, labels)
   manager = checkpoint.manager(str(tmp_path), keep=2)
   resumed, _ = step(state, images, labels)
-  finetune._save(manager, resumed, config)  # pylint: disable=protected-access
+  checkpoint.save(manager, resumed, config)
   manager.wait_until_finished()
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         resumed)
-  resumed = finetune._restore(manager, target)  # pylint: disable=protected-access
+  resumed = checkpoint.restore_latest(manager, target, config)
   manager.close()
   assert int(resumed.step) == 1
   for _ in range(2):
@@ -148,3 +148,8 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
   again = finetune.train_and_evaluate(config, workdir)
   assert int(again.step) == 4 and _rows(workdir) == rows
   jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
+  # eval_only evaluates the restored params once more: the same numbers.
+  config.eval_only = True
+  finetune.train_and_evaluate(config, workdir)
+  last = _rows(workdir)[-1]
+  assert last["step"] == 4 and last["eval_top1"] == evals[-1]["eval_top1"]
