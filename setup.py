@@ -24,7 +24,7 @@ setup(
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
         "array-record",
-        "grain>=0.2.10",
+        "opencv-python-headless>=4.8",  # JPEG decode at reduced DCT scale, in the workers
         "scikit-image",
         "scikit-learn",
     ],
