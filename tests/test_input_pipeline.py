@@ -95,6 +95,24 @@ def test_jpeg_dct_downscaled_decode_matches_full_decode():
   assert np.abs(small.astype(int) - full.astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("size", [96, 160])
+def test_resize_is_close_to_pils_antialiased_bicubic(size):
+  """The official resize (PIL, antialiased bicubic) and ours differ by about a grey level."""
+  photo = skimage.data.coffee()  # 400 x 600
+  buffer = io.BytesIO()
+  Image.fromarray(photo).save(buffer, format="PNG")  # lossless: no DCT-domain scaling
+  rng = np.random.default_rng(0)
+  diffs = []
+  for _ in range(8):
+    box = ip.random_resized_crop_box(rng, 600, 400, (0.2, 1.0), (3 / 4, 4 / 3))
+    ours = ip.decode_and_crop(buffer.getvalue(), size, lambda w, h: box)
+    left, top, w, h = box
+    official = np.asarray(Image.fromarray(photo).crop((left, top, left + w, top + h)).resize(
+        (size, size), Image.BICUBIC))
+    diffs.append(np.abs(ours.astype(int) - official).mean())
+  assert np.mean(diffs) < 1.5 and max(diffs) < 2.5
+
+
 # ---------------------------------------------------------------------------------------------
 # An image folder holding every kind of bad file.
 
@@ -159,6 +177,17 @@ def test_folder_bad_files_are_skipped_or_converted_and_counted(bad_folder, caplo
   grey = images[names.index("cat/gray.png")]
   assert images.dtype == np.uint8 and (grey[..., 0] == grey[..., 2]).all() and grey.std() > 10
   assert not images[~valid].any()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_folder_of_only_bad_files_fails_with_a_clear_error(tmp_path, workers):
+  for i in range(3):
+    (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg")
+  c = _config(f"folder:{tmp_path}", num_workers=workers)
+  iterator = ip.create_iterator(c, image_size=16, seed=0, train=True)
+  with pytest.raises(RuntimeError, match="unreadable; the data is broken"):
+    next(iterator)
+  iterator.close()
 
 
 def test_flat_folder_is_unlabeled_and_split_subfolders_are_used(tmp_path):
