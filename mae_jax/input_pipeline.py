@@ -105,7 +105,7 @@ def center_crop_box(width: int, height: int, crop_pct: float) -> Box:
 # Gaussian prefilter strength that brings OpenCV's bicubic within about one grey level of
 # PIL's antialiased bicubic (the official resize) at 1.25-4x shrink; none makes it 1.5-5.
 AA_SIGMA = 0.4
-# imdecode flags for decoding at 1/scale (OR-ed with IMREAD_COLOR_RGB they decode colour).
+# imdecode flags for decoding at 1/scale (OR-ed with IMREAD_COLOR they decode colour).
 _DCT_FLAGS = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
@@ -138,19 +138,21 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
 
 def decode_and_crop(data: bytes, size: int, choose_box: Callable[[int, int], Box],
                     where: str = "") -> np.ndarray:
-  """Encoded image -> uint8 [size, size, 3]: the box `choose_box(width, height)` resized.
+  """Encoded image -> uint8 RGB [size, size, 3]: the box `choose_box(width, height)` resized.
 
   Raises one of DECODE_ERRORS for data that is not a readable image.
   """
   image = Image.open(io.BytesIO(data))  # parses the header only
   width, height = image.size
   box = choose_box(width, height)
-  if image.format == "JPEG" and image.mode in ("RGB", "L"):
+  jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+  if jpeg:
     if image.mode == "L":
       _note("grayscale image converted to RGB", where)
     # OpenCV's libjpeg-turbo gives PIL's pixels without PIL's copies, at 1/2, 1/4 or 1/8 scale
-    # in the DCT domain when the box allows; EXIF orientation is ignored, as PIL does.
-    flags = (_DCT_FLAGS[_dct_scale(box, size)] | cv2.IMREAD_COLOR_RGB
+    # in the DCT domain when the box allows; EXIF orientation is ignored, as PIL does. BGR
+    # (IMREAD_COLOR_RGB needs OpenCV >= 4.11): swapped after the resize, on fewer pixels.
+    flags = (_DCT_FLAGS[_dct_scale(box, size)] | cv2.IMREAD_COLOR
              | cv2.IMREAD_IGNORE_ORIENTATION)
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if pixels is None:
@@ -159,7 +161,8 @@ def decode_and_crop(data: bytes, size: int, choose_box: Callable[[int, int], Box
     pixels = np.asarray(_to_rgb(image, where))
   sx, sy = width / pixels.shape[1], height / pixels.shape[0]
   left, top, w, h = box
-  return _resize(pixels, (left / sx, top / sy, w / sx, h / sy), size)
+  out = _resize(pixels, (left / sx, top / sy, w / sx, h / sy), size)
+  return cv2.cvtColor(out, cv2.COLOR_BGR2RGB) if jpeg else out
 
 
 def _resize(pixels: np.ndarray, box: Box, size: int) -> np.ndarray:
