@@ -36,7 +36,7 @@ import signal
 import struct
 import threading
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 import zlib
 
 from absl import logging
@@ -183,6 +183,7 @@ def _resize(pixels: np.ndarray, box: Box, size: int) -> np.ndarray:
     ax, ay = max(x0 - mx, 0), max(y0 - my, 0)
     region = pixels[ay:min(y1 + my, height), ax:min(x1 + mx, width)]
     ksize = (2 * mx + 1, 2 * my + 1)
+    # A zero sigma would mean "same as the other axis" to OpenCV; 1e-6 with a 1-tap kernel is none.
     region = cv2.GaussianBlur(region, ksize, sigmaX=sigma_x or 1e-6, sigmaY=sigma_y or 1e-6,
                               borderType=cv2.BORDER_REPLICATE)
     pixels, x0, x1, y0, y1 = region, x0 - ax, x1 - ax, y0 - ay, y1 - ay
@@ -212,7 +213,7 @@ def normalize(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Bad-file accounting. Conversions are logged the 1st, 2nd, 4th, 8th, ... time in each process
-# (ImageNet holds thousands of grayscale JPEGs); every unreadable file is logged once.
+# (ImageNet holds many grayscale JPEGs); every unreadable file is logged once.
 
 _counts: dict[str, int] = {}
 _skipped: set[str] = set()
@@ -587,8 +588,8 @@ _END = object()
 
 def _thread_batches(maker: BatchMaker, steps: Iterator[int], prefetch: int
                     ) -> Iterator[dict[str, np.ndarray]]:
-  """Batches made in this process; a thread works `prefetch` batches ahead (cv2, PIL and
-  numpy release the GIL, so this overlaps with training)."""
+  """Batches made in this process, by a thread working `prefetch` batches ahead."""
+  # OpenCV, PIL and numpy release the GIL: the thread overlaps with training.
   if not prefetch:
     for step in steps:
       batch = maker.arrays()
@@ -598,22 +599,26 @@ def _thread_batches(maker: BatchMaker, steps: Iterator[int], prefetch: int
   ready: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 
+  def offer(item: Any) -> bool:
+    """Puts `item` unless the consumer has stopped; False then."""
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for step in steps:
         batch = maker.arrays()
         maker.fill(step, batch)
-        while not stop.is_set():
-          try:
-            ready.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if not offer(batch):
           return
-      ready.put(_END)
+      offer(_END)
     except BaseException as e:  # pylint: disable=broad-except  # re-raised by the consumer
-      ready.put(e)
+      offer(e)
 
   thread = threading.Thread(target=produce, name="mae_jax-input", daemon=True)
   thread.start()
@@ -683,9 +688,18 @@ class _WorkerPool:
     step = next(self._steps, None)
     if step is None:
       return False
-    self._conns[worker].send((step, slot))
+    try:
+      self._conns[worker].send((step, slot))
+    except OSError:
+      self._died(worker)
     self._pending.append((worker, slot))
     return True
+
+  def _died(self, worker: int) -> NoReturn:
+    process = self._processes[worker]
+    process.join(timeout=1)
+    raise RuntimeError(f"Input worker {worker} died (exit code {process.exitcode}); see its "
+                       "log above. Out of memory? Lower input.num_workers.") from None
 
   def __iter__(self):
     return self
@@ -696,11 +710,8 @@ class _WorkerPool:
     worker, slot = self._pending.popleft()
     try:
       error = self._conns[worker].recv()
-    except EOFError:
-      process = self._processes[worker]
-      process.join(timeout=1)
-      raise RuntimeError(f"Input worker {worker} died (exit code {process.exitcode}); see its "
-                         "log above. Out of memory? Lower input.num_workers.") from None
+    except (EOFError, OSError):  # the pipe closed or was reset: the worker is gone
+      self._died(worker)
     if error is not None:
       raise RuntimeError(f"Input worker {worker} failed:\n{error}")
     # A copy: the slot is refilled at once, and callers may keep batches (JAX may alias them).

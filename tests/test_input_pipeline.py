@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+import psutil
 import pytest
 import skimage.data
 import sklearn.datasets
@@ -320,6 +321,18 @@ def test_worker_processes_give_the_same_batches(bad_folder):
   iterator.close()
   for a, b in zip(want, got):
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_a_dead_worker_stops_the_run_with_a_clear_error(bad_folder):
+  iterator = ip.create_iterator(_config(f"folder:{bad_folder}", batch_size=4, num_workers=1),
+                                image_size=16, seed=0, train=True)
+  next(iterator)
+  (worker,) = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+  worker.kill()
+  with pytest.raises(RuntimeError, match="Input worker 0 died"):
+    for _ in range(10):  # batches it finished before dying still arrive
+      next(iterator)
+  iterator.close()
 
 
 def test_tfds_source_survives_pickling_for_worker_processes(data_dir):
