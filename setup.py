@@ -23,6 +23,7 @@ setup(
         # so GPU hosts without TensorFlow can run them from a source checkout.
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
+        "importlib_resources",  # TFDS needs it to register the builders in mae_jax/datasets
         "array-record",
         "opencv-python-headless>=4.8",  # JPEG decode at reduced DCT scale, in the workers
         "scikit-image",
