@@ -4,6 +4,7 @@ Everything here is importable without TensorFlow: the input pipeline (which uses
 inside `train_and_evaluate` only, so GPU hosts can run the step, tests and benchmarks without it.
 """
 
+import contextlib
 import functools
 import signal
 import time
@@ -533,7 +534,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   guard = _NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
   step = start
-  with _Preemption() as preemption:
+  # closing: an error that stops the run must also stop the input thread, or the interpreter
+  # kills it mid-decode at exit and the process aborts instead of exiting with the error.
+  with contextlib.closing(batches), _Preemption() as preemption:
     while step < total:
       batch = input_pipeline.to_global({"image": next(batches)["image"]}, data_sharding)
       state, metrics = step_fn(state, batch["image"])
