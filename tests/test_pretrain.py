@@ -48,11 +48,27 @@ def _command(workdir, devices=1, extra=(), tiny=True):
           *extra]
 
 
-def _run(env, workdir, devices=1, extra=(), tiny=True) -> str:
-  result = subprocess.run(_command(workdir, devices, extra, tiny), env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stderr
+def _start(env, workdir, devices=1, extra=(), tiny=True) -> subprocess.Popen:
+  """Starts a run; its stderr goes to a file (pipes of runs waited on in turn could fill up)."""
+  workdir = pathlib.Path(workdir)
+  log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_command(workdir, devices, extra, tiny), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=f, text=True)
+  proc.log = log
+  return proc
+
+
+def _log(proc: subprocess.Popen) -> str:
+  return proc.log.read_text()
+
+
+def _finish(*procs: subprocess.Popen) -> list:
+  """Waits for runs started together (independent runs share the two cores); their logs."""
+  for proc in procs:
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, _log(proc)[-3000:]
+  return [_log(proc) for proc in procs]
 
 
 def _rows(workdir) -> list:
@@ -77,25 +93,28 @@ def _steps(workdir) -> list:
 def _wait_for(predicate, proc, timeout=300):
   deadline = time.time() + timeout
   while not predicate():
-    assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-3000:]}"
+    assert proc.poll() is None, f"the run ended early: {_log(proc)[-3000:]}"
     assert time.time() < deadline, "timed out"
     time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
-  """An uninterrupted run on 1 device."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _run(env, workdir)
-  return workdir
+def runs(env, tmp_path_factory):
+  """Three uninterrupted runs, side by side: the tiny config on 1 device ("reference") and on 8
+  simulated devices with params and optimizer state sharded 4 ways ("fsdp8"), and the demo
+  config itself for 2 steps ("demo")."""
+  workdirs = {name: tmp_path_factory.mktemp(name) for name in ("reference", "fsdp8", "demo")}
+  _finish(_start(env, workdirs["reference"]),
+          _start(env, workdirs["fsdp8"], devices=8, extra=["--config.mesh.fsdp=4"]),
+          _start(env, workdirs["demo"], tiny=False,
+                 extra=["--config.total_steps=2", "--config.warmup_steps=1",
+                        "--config.log_every_steps=1"]))
+  return workdirs
 
 
 @pytest.fixture(scope="module")
-def fsdp8(env, tmp_path_factory):
-  """The same run on 8 simulated devices, params and optimizer state sharded 4 ways."""
-  workdir = tmp_path_factory.mktemp("fsdp8")
-  _run(env, workdir, devices=8, extra=["--config.mesh.fsdp=4"])
-  return workdir
+def reference(runs):
+  return runs["reference"]
 
 
 def test_run_writes_metrics_tensorboard_png_and_step_checkpoints(reference):
@@ -111,8 +130,7 @@ def test_run_writes_metrics_tensorboard_png_and_step_checkpoints(reference):
 
 
 def test_resume_after_sigkill_gives_bit_identical_losses(env, reference, tmp_path):
-  proc = subprocess.Popen(_command(tmp_path), env=env, cwd=REPO, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  proc = _start(env, tmp_path)
   try:
     _wait_for(lambda: (tmp_path / "checkpoints" / str(EVERY)).is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
@@ -120,7 +138,7 @@ def test_resume_after_sigkill_gives_bit_identical_losses(env, reference, tmp_pat
     proc.wait()
   killed_at = max([r["step"] for r in _rows(tmp_path)], default=0)
   assert killed_at < STEPS, "the run finished before it was killed"
-  log = _run(env, tmp_path)
+  log, = _finish(_start(env, tmp_path))
   resumed = max(s for s in _steps(tmp_path) if f"Resumed from {tmp_path}/checkpoints/{s}." in log)
   assert EVERY <= resumed < STEPS
   expected, got = _losses(reference), _losses(tmp_path)
@@ -131,37 +149,40 @@ def test_resume_after_sigkill_gives_bit_identical_losses(env, reference, tmp_pat
 
 def test_sigterm_saves_the_current_step_and_exits_0(env, tmp_path):
   # Logging every 4 steps: the rows stop at the saved step all the same.
-  proc = subprocess.Popen(_command(tmp_path, extra=["--config.log_every_steps=4"]), env=env,
-                          cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  proc = _start(env, tmp_path, extra=["--config.log_every_steps=4"])
   _wait_for(lambda: len(_rows(tmp_path)) >= 1, proc)
   proc.send_signal(signal.SIGTERM)
-  _, log = proc.communicate(timeout=300)
-  assert proc.returncode == 0, log[-3000:]
+  log, = _finish(proc)
   last = _steps(tmp_path)[-1]
   assert last < STEPS, "the run finished before SIGTERM arrived"
   assert f"Preempted: saved the checkpoint of step {last}" in log
   assert max(r["step"] for r in _rows(tmp_path)) == last  # every step done was logged
 
 
-def test_8_devices_with_fsdp_give_the_losses_of_1_device(reference, fsdp8):
-  one, eight = _losses(reference), _losses(fsdp8)
+def test_8_devices_with_fsdp_give_the_losses_of_1_device(runs):
+  one, eight = _losses(runs["reference"]), _losses(runs["fsdp8"])
   assert sorted(one) == sorted(eight) == list(range(1, STEPS + 1))
   for step in one:
     np.testing.assert_allclose(eight[step][0], one[step][0], rtol=1e-5, err_msg=f"step {step}")
     np.testing.assert_allclose(eight[step][2], one[step][2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("source,devices", [("fsdp8", 1), ("reference", 8)])
-def test_checkpoint_restores_on_another_device_count(env, request, tmp_path, source, devices):
-  origin = request.getfixturevalue(source)
+def test_checkpoints_restore_on_another_device_count(env, runs, tmp_path):
+  """A checkpoint written on 8 devices resumes on 1, and one written on 1 resumes on 8."""
   resume_at = 2 * EVERY
-  shutil.copytree(origin / "checkpoints" / str(resume_at), tmp_path / "checkpoints" / str(resume_at))
-  log = _run(env, tmp_path, devices=devices, extra=["--config.mesh.fsdp=4"] if devices == 8 else [])
-  assert f"Resumed from {tmp_path}/checkpoints/{resume_at}." in log
-  before, after = _losses(origin), _losses(tmp_path)
-  assert sorted(after) == list(range(resume_at + 1, STEPS + 1))
-  for step, value in after.items():
-    np.testing.assert_allclose(value[0], before[step][0], rtol=1e-5, err_msg=f"step {step}")
+  moves = [("fsdp8", 1, []), ("reference", 8, ["--config.mesh.fsdp=4"])]
+  workdirs = [tmp_path / f"{source}_on_{devices}" for source, devices, _ in moves]
+  for (source, _, _), workdir in zip(moves, workdirs):
+    shutil.copytree(runs[source] / "checkpoints" / str(resume_at),
+                    workdir / "checkpoints" / str(resume_at))
+  logs = _finish(*[_start(env, workdir, devices, extra)
+                   for (_, devices, extra), workdir in zip(moves, workdirs)])
+  for (source, _, _), workdir, log in zip(moves, workdirs, logs):
+    assert f"Resumed from {workdir}/checkpoints/{resume_at}." in log
+    before, after = _losses(runs[source]), _losses(workdir)
+    assert sorted(after) == list(range(resume_at + 1, STEPS + 1))
+    for step, value in after.items():
+      np.testing.assert_allclose(value[0], before[step][0], rtol=1e-5, err_msg=f"step {step}")
 
 
 def _tensorboard_tags(logdir) -> set:
@@ -178,17 +199,16 @@ def _tensorboard_tags(logdir) -> set:
   return tags
 
 
-def test_demo_config_trains_end_to_end(env, tmp_path):
-  _run(env, tmp_path, tiny=False, extra=["--config.total_steps=2", "--config.warmup_steps=1",
-                                         "--config.log_every_steps=1"])
-  rows = _rows(tmp_path)
+def test_demo_config_trains_end_to_end(runs):
+  demo = runs["demo"]
+  rows = _rows(demo)
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
   assert {"loss", "lr", "img_per_s", "grad_norm", "reconstruction"} <= _tensorboard_tags(
-      tmp_path / "tensorboard")
+      demo / "tensorboard")
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(tmp_path / "reconstruction_00000002.png") as image:
+  with Image.open(demo / "reconstruction_00000002.png") as image:
     assert image.size == (4 * 128 + 5 * 4, 16 + 4 * 128 + 5 * 4)  # 4 photos, 64px shown 2x
-  assert _steps(tmp_path) == [2]
+  assert _steps(demo) == [2]
 
 
 def _config(**fields):
