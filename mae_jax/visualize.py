@@ -150,6 +150,9 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
 
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.visualize`: a reconstruction PNG from a workdir's params."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax reports every file it reads at INFO
   paths = list(_IMAGES.value or []) + list(argv[1:])  # `--images a.jpg b.png` also works
   model_config = _CONFIG.value.model if _CONFIG.value is not None else None
   print(render(_WORKDIR.value, images=paths, output=_OUTPUT.value,
