@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.models.vit import MultiHeadDotProductAttention, gelu, softmax_attention
+from mae_jax.models.vit import (MultiHeadDotProductAttention, default_attention_impl, gelu,
+                                softmax_attention)
 
 
 def _qkv(shape, dtype):
@@ -55,7 +56,7 @@ def test_attention_module_cpu_path_equals_the_xla_path():
   xla = MultiHeadDotProductAttention(num_heads=4, attention_impl="xla")
   params = auto.init(jax.random.key(3), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, xla.init(jax.random.key(3), x))
-  # attention_impl=None takes the hand-written VJP on CPU; "xla" does not.
+  # attention_impl=None takes the hand-written VJP ("softmax") on CPU; "xla" does not.
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: auto.apply(p, x))(params))
   assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: xla.apply(p, x))(params))
   np.testing.assert_allclose(auto.apply(params, x), xla.apply(params, x), atol=1e-5, rtol=1e-5)
@@ -63,3 +64,20 @@ def test_attention_module_cpu_path_equals_the_xla_path():
   expected = jax.grad(_loss(lambda p: xla.apply(p, x)))(params)
   jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-4), grads,
                expected)
+
+
+def test_default_attention_impl_per_backend(monkeypatch):
+  assert default_attention_impl(jnp.float32, 64) == "softmax"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert default_attention_impl(jnp.bfloat16, 64) == "cudnn"
+  assert default_attention_impl(jnp.bfloat16, 80) == "cudnn"  # ViT-H/14: 1280 / 16 heads
+  assert default_attention_impl(jnp.float32, 64) == "xla"  # cuDNN takes 16-bit inputs only
+  assert default_attention_impl(jnp.bfloat16, 36) == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert default_attention_impl(jnp.bfloat16, 64) == "xla"
+
+
+def test_unknown_attention_impl_is_refused_naming_the_choices():
+  x = jnp.zeros((1, 3, 8))
+  with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
+    MultiHeadDotProductAttention(num_heads=2, attention_impl="flash").init(jax.random.key(0), x)

@@ -86,9 +86,14 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--run_cap_s", type=float, default=900.0, help="Limit of one run.")
   parser.add_argument("--only", default="", help="Comma-separated run names (default: all).")
+  parser.add_argument("--cpus", default="",
+                      help="Comma-separated CPU ids every run is pinned to (default: all). One "
+                           "core each keeps a comparison fair on a machine that others load: "
+                           "no thread of either side then waits on a descheduled sibling.")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   only = set(filter(None, args.only.split(",")))
+  cpus = {int(c) for c in args.cpus.split(",") if c}
   rows = []
   with open(os.path.join(args.out, "results.jsonl"), "a") as results, \
        open(os.path.join(args.out, "cpu_all.log"), "a") as log:
@@ -97,10 +102,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if only and run["name"] not in only:
           continue
         load = os.getloadavg()[0]
-        result = gpu_all.run_python(run["cmd"], "", args.run_cap_s, log)
+        result = gpu_all.run_python(run["cmd"], "", args.run_cap_s, log, cpus)
         row = {**result, "name": run["name"], "impl": run["impl"],
                "mask_ratio": run["mask_ratio"], "round": round_index,
-               "load_avg_1min_before": load}
+               "load_avg_1min_before": load, "cpus": sorted(cpus) or "all"}
         rows.append(row)
         results.write(json.dumps(row) + "\n")
         results.flush()

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+ATTENTION_IMPLS = ("softmax", "xla", "cudnn")
 
 
 def xavier_uniform_fans(fan_in: int, fan_out: int) -> Callable:
@@ -73,7 +74,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(head_dim)) v over [B, H, T, head_dim], with a hand-written VJP.
 
   The CPU path of `MultiHeadDotProductAttention`: heads-major matmuls and a backward pass from
-  the saved probabilities run about twice as fast on XLA CPU as autodiff through
+  the saved probabilities run faster on XLA CPU than autodiff through
   `jax.nn.dot_product_attention` (BENCHMARKS.md, "CPU").
   """
   return _softmax_attention_fwd(q, k, v)[0]
@@ -82,12 +83,27 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
+def default_attention_impl(dtype: Dtype, head_dim: int) -> str:
+  """The fastest exact attention kernel for the default backend.
+
+  "softmax" (`softmax_attention`) on CPU; "cudnn" (flash attention) on NVIDIA GPUs for the
+  dtypes and head sizes cuDNN takes, since `jax.nn.dot_product_attention(implementation=None)`
+  still means XLA's kernel (4.7x slower on an H100, ANCHORS.md); "xla" otherwise.
+  """
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "softmax"
+  if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and
+      head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with qkv bias: separate query/key/value projections.
 
-  `attention_impl=None` picks the fastest exact kernel for the backend: `softmax_attention` on
-  CPU, `jax.nn.dot_product_attention` elsewhere (cuDNN flash attention on NVIDIA GPUs); "xla" or
-  "cudnn" force that implementation of `jax.nn.dot_product_attention`.
+  `attention_impl`: None picks `default_attention_impl`; "softmax" is `softmax_attention`;
+  "xla" and "cudnn" are those implementations of `jax.nn.dot_product_attention`.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -98,17 +114,21 @@ class MultiHeadDotProductAttention(nn.Module):
     b, t, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
-    shape = (b, t, self.num_heads, d // self.num_heads)
+    head_dim = d // self.num_heads
+    impl = self.attention_impl or default_attention_impl(self.dtype, head_dim)
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS} (or None for "
+                       f"the backend's fastest)")
+    shape = (b, t, self.num_heads, head_dim)
     # The official qkv is one Linear(d, 3d): xavier over fans (d, 3d) for each third. Three
     # matmuls rather than one over concatenated kernels: no [d, 3d] copy per step.
     q, k, v = (nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform_fans(d, 3 * d),
                         name=name)(x).reshape(shape) for name in ("query", "key", "value"))
-    if self.attention_impl is None and jax.default_backend() == "cpu":
+    if impl == "softmax":
       heads_major = lambda y: y.transpose(0, 2, 1, 3)
-      out = softmax_attention(heads_major(q), heads_major(k), heads_major(v))
-      out = heads_major(out)
+      out = heads_major(softmax_attention(heads_major(q), heads_major(k), heads_major(v)))
     else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+      out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     out = out.reshape(b, t, d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=linear_init(d, d), name="out")(out)
 
