@@ -52,6 +52,13 @@ python=${PYTHON:-python3}
 # A port the kernel just handed out, so pods started side by side do not collide.
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
+# Seen with jax 0.10.2: a pod resuming a checkpoint with programs that an earlier pod run left
+# in the persistent compilation cache failed its first step in gloo's setup. Compile afresh.
+if [[ -n ${JAX_COMPILATION_CACHE_DIR:-} ]]; then
+  echo "[local_pod] not using JAX_COMPILATION_CACHE_DIR=$JAX_COMPILATION_CACHE_DIR in a CPU pod." >&2
+  unset JAX_COMPILATION_CACHE_DIR
+fi
+
 declare -A running=()  # pid -> process index
 for ((i = 0; i < num_processes; i++)); do
   # The output filter runs beside the process, so $! is the python process itself: the one
