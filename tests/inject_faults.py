@@ -1,0 +1,69 @@
+"""`python -m mae_jax.main` with faults injected on purpose, for tests/test_faults.py.
+
+    python tests/inject_faults.py --config=... --workdir=... [more mae_jax.main flags]
+
+Environment variables choose the faults; steps count updates from 1, as the logs do:
+  FAULT_SIGTERM_AT_STEP=k    the process sends itself SIGTERM as step k starts (a preemption
+                             notice arriving during that step).
+  FAULT_NONFINITE_AT_STEP=k  every pixel of step k's images becomes FAULT_VALUE ("nan" or "inf").
+  FAULT_KILL_AT_COMMIT=k     SIGKILL just before Orbax commits the checkpoint of step k: its
+                             arrays are written in a temporary folder that is never renamed (an
+                             asynchronous save cut short).
+"""
+
+import contextlib
+import os
+import runpy
+import signal
+import sys
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+def _step_env(name: str) -> int:
+  return int(os.environ.get(name, "0"))
+
+
+def _faulty_batches(create_iterator: Callable[..., Iterator[dict]]) -> Callable[..., Any]:
+  """create_iterator, with the batch faults of the environment injected."""
+  sigterm_at = _step_env("FAULT_SIGTERM_AT_STEP")
+  nonfinite_at = _step_env("FAULT_NONFINITE_AT_STEP")
+  value = float(os.environ.get("FAULT_VALUE", "nan"))
+
+  def create(*args, start_step: int = 0, **kwargs) -> Iterator[dict]:
+    with contextlib.closing(create_iterator(*args, start_step=start_step, **kwargs)) as batches:
+      for step, batch in enumerate(batches, start_step + 1):  # taken just before step `step`
+        if step == sigterm_at:
+          os.kill(os.getpid(), signal.SIGTERM)
+        if step == nonfinite_at:
+          batch = {**batch, "image": np.full_like(batch["image"], value)}
+        yield batch
+
+  return create
+
+
+def _kill_before_commit(step: int) -> None:
+  """SIGKILL the process when Orbax is about to rename the checkpoint of `step` into place."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def finalize_or_die(self):
+    if self.get_final().name == str(step):
+      os.kill(os.getpid(), signal.SIGKILL)
+    await finalize(self)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+
+
+def main() -> None:
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.create_iterator = _faulty_batches(input_pipeline.create_iterator)
+  if _step_env("FAULT_KILL_AT_COMMIT"):
+    _kill_before_commit(_step_env("FAULT_KILL_AT_COMMIT"))
+  sys.argv = ["mae_jax.main", *sys.argv[1:]]
+  runpy.run_module("mae_jax.main", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+  main()
