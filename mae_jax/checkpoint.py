@@ -200,8 +200,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
   there is none.
 
   A half-written checkpoint is never a candidate (see the module docstring). One that fails to
-  read is logged with its error and set aside, and the next older one tried. ValueError when the
-  checkpoint is of another model than `config` (or `abstract_state`); RuntimeError when
+  read is logged with its error and set aside, and the next older one tried. WrongModelError
+  when the checkpoint is of another model than `config` (or `abstract_state`); RuntimeError when
   checkpoints exist but none restores, rather than silently starting from scratch.
   """
   failures = []
