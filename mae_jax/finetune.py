@@ -342,33 +342,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
                              num_examples=num_examples)
   guard = train._NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
-  step = start
-  with train._Preemption() as preemption:
-    while step < total:
-      batch = input_pipeline.to_global(next(batches), data_sharding)
-      state, metrics = step_fn(state, batch["image"], batch["label"])
-      step += 1
-      reporter.add(step, metrics)
-      guard.add(step, metrics)
-      if step == start + 1:
-        reporter.first_step_done(step, metrics)
-      preempted = preemption.reached(step)
-      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
-      if saving or step % config.log_every_steps == 0:
-        guard.check(all_steps=saving)
-      if preempted:
-        reporter.flush()
-        checkpoint.save(manager, state, config, force=True)
-        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
-                        "resume.", step)
-        break
-      if saving:
-        checkpoint.save(manager, state, config)
-      if step % eval_every == 0 or step == total:
-        reporter.flush()
-        bar.clear()
-        run_eval(step, state)
-  reporter.flush()
+  def after_step(step: int, state: FinetuneState) -> None:
+    if step % eval_every == 0 or step == total:
+      reporter.flush()  # the training row of this interval before the evaluation's
+      bar.clear()
+      run_eval(step, state)
+
+  state, _ = train.run_steps(
+      state, batches, lambda state, batch: step_fn(
+          state, *(input_pipeline.to_global(batch, data_sharding)[k] for k in ("image", "label"))),
+      start=start, total=total, config=config, manager=manager, reporter=reporter, guard=guard,
+      after_step=after_step)
   bar.close()
   manager.wait_until_finished()
   manager.close()

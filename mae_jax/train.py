@@ -8,7 +8,7 @@ import contextlib
 import functools
 import signal
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import flax.struct
 import jax
@@ -458,6 +458,44 @@ class _NonFiniteGuard:
         f"lower config.optimizer.blr (or lr) or lengthen the warmup.")
 
 
+def run_steps(state, batches: Iterator[Dict[str, np.ndarray]],
+              step_fn: Callable[[Any, Dict[str, np.ndarray]], Tuple[Any, Dict[str, jax.Array]]],
+              *, start: int, total: int, config: ml_collections.ConfigDict, manager,
+              reporter: _Reporter, guard: _NonFiniteGuard,
+              after_step: Optional[Callable[[int, Any], None]] = None) -> Tuple[Any, int]:
+  """The loop shared by pretraining and fine-tuning: runs `step_fn` on each batch from step
+  `start` to `total`, reporting, checking for non-finite steps, saving every
+  config.checkpoint_every_steps and at the end, and stopping after a save on SIGTERM. Returns
+  the state and the step it stopped at (`total` unless preempted)."""
+  step = start
+  # closing: an error that stops the run must also stop the input thread, or the interpreter
+  # kills it mid-decode at exit and the process aborts instead of exiting with the error.
+  with contextlib.closing(batches), _Preemption() as preemption:
+    while step < total:
+      state, metrics = step_fn(state, next(batches))
+      step += 1
+      reporter.add(step, metrics)
+      guard.add(step, metrics)
+      if step == start + 1:
+        reporter.first_step_done(step, metrics)
+      preempted = preemption.reached(step)
+      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
+      if saving or step % config.log_every_steps == 0:
+        guard.check(all_steps=saving)
+      if preempted:
+        reporter.flush(upto=step)
+        checkpoint.save(manager, state, config, force=True)
+        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
+                        "resume.", step)
+        break
+      if saving:
+        checkpoint.save(manager, state, config)
+      if after_step is not None:
+        after_step(step, state)
+  reporter.flush(upto=step)
+  return state, step
+
+
 def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.MaskedAutoencoder,
                            mesh: jax.sharding.Mesh, workdir: str,
                            writer: writers.MetricWriter) -> Callable[[Params, int], None]:
@@ -533,34 +571,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   write_reconstructions = _reconstruction_writer(config, model, mesh, workdir, writer)
   guard = _NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
-  step = start
-  # closing: an error that stops the run must also stop the input thread, or the interpreter
-  # kills it mid-decode at exit and the process aborts instead of exiting with the error.
-  with contextlib.closing(batches), _Preemption() as preemption:
-    while step < total:
-      batch = input_pipeline.to_global({"image": next(batches)["image"]}, data_sharding)
-      state, metrics = step_fn(state, batch["image"])
-      step += 1
-      reporter.add(step, metrics)
-      guard.add(step, metrics)
-      if step == start + 1:
-        reporter.first_step_done(step, metrics)
-      preempted = preemption.reached(step)
-      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
-      if saving or step % config.log_every_steps == 0:
-        guard.check(all_steps=saving)
-      if preempted:
-        reporter.flush(upto=step)
-        checkpoint.save(manager, state, config, force=True)
-        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
-                        "resume.", step)
-        break
-      if saving:
-        checkpoint.save(manager, state, config)
-      if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
-          and step < total):
-        write_reconstructions(state.params, step)
-  reporter.flush(upto=step)
+  def after_step(step: int, state: TrainState) -> None:
+    if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
+        and step < total):
+      write_reconstructions(state.params, step)
+
+  state, step = run_steps(
+      state, batches, lambda state, batch: step_fn(
+          state, input_pipeline.to_global({"image": batch["image"]}, data_sharding)["image"]),
+      start=start, total=total, config=config, manager=manager, reporter=reporter, guard=guard,
+      after_step=after_step)
   bar.close()
   if step == total:
     write_reconstructions(state.params, step)

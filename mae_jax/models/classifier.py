@@ -23,7 +23,7 @@ import numpy as np
 
 from mae_jax.models import functional as F
 from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
-from mae_jax.models.mae import PatchEmbed
+from mae_jax.models.mae import PatchEmbed, check_images, patch_grid
 from mae_jax.models.vit import Transformer
 
 Dtype = Any
@@ -80,11 +80,7 @@ class VisionTransformer(nn.Module):
   attention_impl: Optional[str] = None
 
   def setup(self):
-    if self.img_size % self.patch_size:
-      raise ValueError(f"img_size {self.img_size} is not divisible by patch_size "
-                       f"{self.patch_size}: choose a patch size that divides the image size")
-    g = self.img_size // self.patch_size
-    self.grid = (g, g)
+    self.grid = patch_grid(self.img_size, self.patch_size)
     self.embedding = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
     self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.embed_dim))
     table = F.sincos_pos_embed_2d(self.embed_dim, self.grid)[None]
@@ -106,15 +102,9 @@ class VisionTransformer(nn.Module):
     self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(
         self.head_init_std))
 
-  def _check_images(self, images):
-    expected = (self.img_size, self.img_size, self.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images must be NHWC [batch, {expected[0]}, {expected[1]}, "
-                       f"{expected[2]}], got shape {tuple(images.shape)}")
-
   def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Encoder tokens [B, 1 + L], cls first (after `encoder_norm` unless `global_pool`)."""
-    self._check_images(images)
+    check_images(images, self.img_size, self.in_chans)
     x = self.embedding(images)
     cls = jnp.broadcast_to(self.cls.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding.astype(x.dtype)

@@ -31,6 +31,22 @@ class PatchEmbed(nn.Module):
         self.dtype)
 
 
+def patch_grid(img_size: int, patch_size: int) -> Tuple[int, int]:
+  """The (rows, cols) of patches of a square image; an error if the patches do not tile it."""
+  if img_size % patch_size:
+    raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}: "
+                     f"choose a patch size that divides the image size")
+  return (img_size // patch_size,) * 2
+
+
+def check_images(images: jax.Array, img_size: int, in_chans: int) -> None:
+  """An error naming the expected shape unless `images` is NHWC [B, img_size, img_size, C]."""
+  expected = (img_size, img_size, in_chans)
+  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+    raise ValueError(f"images must be NHWC [batch, {expected[0]}, {expected[1]}, "
+                     f"{expected[2]}], got shape {tuple(images.shape)}")
+
+
 class MaskedAutoencoder(nn.Module):
   """MAE with a ViT encoder over the visible tokens only and a narrow decoder.
 
@@ -53,12 +69,8 @@ class MaskedAutoencoder(nn.Module):
   attention_impl: Optional[str] = None
 
   def setup(self):
-    if self.img_size % self.patch_size:
-      raise ValueError(f"img_size {self.img_size} is not divisible by patch_size "
-                       f"{self.patch_size}: choose a patch size that divides the image size")
-    g = self.img_size // self.patch_size
-    self.grid = (g, g)
-    self.num_patches = g * g
+    self.grid = patch_grid(self.img_size, self.patch_size)
+    self.num_patches = self.grid[0] * self.grid[1]
     common = dict(dtype=self.dtype, scan=self.scan, remat=self.remat,
                   attention_impl=self.attention_impl)
     self.embedding = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
@@ -81,18 +93,12 @@ class MaskedAutoencoder(nn.Module):
       return jax.random.uniform(self.make_rng("mask"), (batch, self.num_patches))
     return noise
 
-  def _check_images(self, images):
-    expected = (self.img_size, self.img_size, self.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images must be NHWC [batch, {expected[0]}, {expected[1]}, "
-                       f"{expected[2]}], got shape {tuple(images.shape)}")
-
   def encode(self, images: jax.Array, mask_ratio: float = 0.75,
              noise: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (latent [B, 1 + keep, D], mask [B, L], ids_restore [B, L])."""
     if not 0.0 <= mask_ratio < 1.0:
       raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    self._check_images(images)
+    check_images(images, self.img_size, self.in_chans)
     pos = jnp.asarray(F.sincos_pos_embed_2d(self.embed_dim, self.grid), self.dtype)
     x = self.embedding(images) + pos[None, 1:]
     x, mask, ids_restore = F.random_masking(x, mask_ratio, self._noise(x.shape[0], noise))
