@@ -268,18 +268,8 @@ def _shape_problems(found: Any, expected: Any) -> list:
   return problems
 
 
-def find_params(path: str) -> Tuple[epath.Path, Optional[Callable[[], Any]]]:
-  """The params directory for `path` and a reader of its config (None if there is none).
-
-  `path` is a workdir (its newest training checkpoint, else its params/), one step directory
-  WORKDIR/checkpoints/<step>, or a params directory itself.
-  """
-  path = epath.Path(path).absolute()
-  checkpoints = path / CHECKPOINTS
-  if checkpoints.is_dir():
-    steps = ocp.utils.checkpoint_steps(checkpoints)
-    if steps:
-      path = checkpoints / str(max(steps))
+def _params_in(path: epath.Path) -> Optional[Tuple[epath.Path, Optional[Callable[[], Any]]]]:
+  """(params dir, config reader) of a training step directory or a params directory."""
   if (path / PARAMS).is_dir():
     if (path / "config").is_dir():  # a training checkpoint's own config item
       return path / PARAMS, lambda: ml_collections.ConfigDict(
@@ -287,27 +277,71 @@ def find_params(path: str) -> Tuple[epath.Path, Optional[Callable[[], Any]]]:
     return path / PARAMS, _config_reader(path / CONFIG_JSON)
   if (path / "_METADATA").exists():
     return path, _config_reader(path.parent / CONFIG_JSON)
-  raise FileNotFoundError(
-      f"No params under {path}: expected a workdir with {CHECKPOINTS}/<step>/ or {PARAMS}/ "
-      f"(written by mae_jax.main or mae_jax.convert), or a params directory.")
+  return None
+
+
+def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[], Any]]]]:
+  """What `path` offers, best first: a workdir's training checkpoints newest first, then its
+  params/; else the step directory or params directory `path` itself."""
+  path = epath.Path(path).absolute()
+  found = []
+  checkpoints = path / CHECKPOINTS
+  if checkpoints.is_dir():
+    for step in sorted(ocp.utils.checkpoint_steps(checkpoints), reverse=True):
+      found.append(_params_in(checkpoints / str(step)))
+  found.append(_params_in(path))
+  found = [f for f in found if f is not None]
+  if not found:
+    raise FileNotFoundError(
+        f"No params under {path}: expected a workdir with {CHECKPOINTS}/<step>/ or {PARAMS}/ "
+        f"(written by mae_jax.main or mae_jax.convert), or a params directory.")
+  return found
+
+
+def find_params(path: str) -> Tuple[epath.Path, Optional[Callable[[], Any]]]:
+  """The params directory for `path` and a reader of its config (None if there is none).
+
+  `path` is a workdir (its newest training checkpoint, else its params/), one step directory
+  WORKDIR/checkpoints/<step>, or a params directory itself.
+  """
+  return _params_candidates(path)[0]
 
 
 def load_params(path: str, *, target: Any = None
                 ) -> Tuple[Params, Optional[ml_collections.ConfigDict]]:
   """(params, config or None) from a workdir's newest training checkpoint or its params/.
 
-  `target`: ShapeDtypeStructs (with shardings) to restore into; checked against the stored
-  shapes. Without it the params land on one local device.
+  A workdir's newest checkpoint that fails to read (a crash damaged it) is skipped with a
+  warning for the one before it; nothing is moved (that is restore_latest's job). `target`:
+  ShapeDtypeStructs (with shardings) to restore into; checked against the stored shapes, a
+  ValueError naming the params that differ. Without it the params land on one local device.
   """
-  params_dir, read_config = find_params(path)
-  checkpointer = ocp.StandardCheckpointer()
-  stored = checkpointer.metadata(params_dir).item_metadata.tree
-  if target is None:
-    target = _on_one_device(stored)
-  else:
-    problems = _shape_problems(stored, target)
-    if problems:
-      raise ValueError(f"The params in {params_dir} do not fit the config's model (check "
-                       f"config.model): " + "; ".join(problems[:8]))
-  params = checkpointer.restore(params_dir, target)
-  return params, read_config() if read_config else None
+  failures = []
+  for params_dir, read_config in _params_candidates(path):
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      stored = checkpointer.metadata(params_dir).item_metadata.tree
+      if target is None:
+        want = _on_one_device(stored)
+      else:
+        want = target
+        problems = _shape_problems(stored, target)
+        if problems:
+          raise WrongModelError(f"The params in {params_dir} do not fit the config's model "
+                                f"(check config.model): " + "; ".join(problems[:8]))
+      params = checkpointer.restore(params_dir, want)
+      config = read_config() if read_config else None
+    except WrongModelError:
+      raise
+    # As in restore_latest: TensorStore reports a truncated or missing file as a bare Exception.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      failures.append((params_dir, e))
+      logging.warning("Could not read the params in %s, trying the next older ones: %s",
+                      params_dir, _summary(e))
+      continue
+    if failures:
+      logging.warning("Loaded the params of %s instead (%d newer one(s) damaged).", params_dir,
+                      len(failures))
+    return params, config
+  raise RuntimeError(f"None of the params under {path} reads: " + "; ".join(
+      f"{d}: {_summary(e)}" for d, e in failures))

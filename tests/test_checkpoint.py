@@ -1,5 +1,8 @@
 """mae_jax.checkpoint: params-only checkpoints and the training checkpoints' layout."""
 
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,4 +77,28 @@ def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(
 
 def test_load_params_says_what_it_expected_when_nothing_is_there(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoints/<step>/ or params/"):
+    checkpoint.load_params(str(tmp_path))
+
+
+def test_load_params_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_path):
+  config = config_lib.pretrain_config("vit_b")
+  mngr = checkpoint.manager(str(tmp_path), keep=3)
+  for step in (3, 6):
+    checkpoint.save(mngr, _state(_params(step), step), config)
+  mngr.wait_until_finished()
+  mngr.close()
+  # A crash that cut the newest params short (OCDBT keeps the array bytes under .../d/).
+  data = max(glob.glob(f"{tmp_path}/checkpoints/6/params/**/d/*", recursive=True),
+             key=os.path.getsize)
+  with open(data, "r+b") as f:
+    f.truncate(os.path.getsize(data) // 2)
+  params, _ = checkpoint.load_params(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params, _params(3))
+  assert (tmp_path / "checkpoints" / "6").is_dir()  # a reader leaves the damaged one in place
+  # Every one damaged: an error naming each, not a silent start from scratch.
+  data = max(glob.glob(f"{tmp_path}/checkpoints/3/params/**/d/*", recursive=True),
+             key=os.path.getsize)
+  with open(data, "r+b") as f:
+    f.truncate(os.path.getsize(data) // 2)
+  with pytest.raises(RuntimeError, match=r"checkpoints/6/params.*checkpoints/3/params"):
     checkpoint.load_params(str(tmp_path))
