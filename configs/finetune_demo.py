@@ -1,10 +1,13 @@
 """Fine-tuning demo on the shipped handwritten digits (sklearn_digits: 1437 train, 360 test,
-10 classes), a few minutes on a CPU, starting from the configs/demo.py pretraining run:
+32x32, 10 classes), a few minutes on a CPU, starting from the configs/demo.py model pretrained
+with MAE on the same digits:
 
-    python -m mae_jax.main --config=configs/demo.py --workdir=workdirs/demo
+    python -m mae_jax.main --config=configs/demo.py --workdir=workdirs/demo_digits \
+        --config.input.dataset=sklearn_digits --config.model.img_size=32 --config.total_steps=500
     python -m mae_jax.main --config=configs/finetune_demo.py --workdir=workdirs/finetune_demo
 
-`--config.init_from=` (empty) trains the same model from a random init, for comparison.
+`--config.init_from=` (empty) fine-tunes the same model from a random init, for comparison;
+`--config.init_from=workdirs/demo` starts from the photo-pretrained configs/demo.py run.
 """
 
 from mae_jax import config_lib
@@ -13,8 +16,9 @@ from mae_jax import config_lib
 def get_config(arg=None):
   del arg
   c = config_lib.finetune_config("vit_b")
-  c.init_from = "workdirs/demo"
-  # The encoder of configs/demo.py; its 8x8 position table is resampled to the 4x4 grid.
+  c.init_from = "workdirs/demo_digits"
+  # The encoder of configs/demo.py (from workdirs/demo, at 64x64, its 8x8 position table is
+  # resampled to this 4x4 grid).
   c.model = config_lib.classifier_model_config(
       "vit_b", num_classes=10, img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
       drop_path=0.1, dtype="float32")
