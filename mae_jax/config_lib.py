@@ -36,6 +36,7 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       batch_size=4096,          # global, over all processes
       crop_scale=(0.2, 1.0),
       crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+      random_flip=True,         # horizontal flip with probability 1/2 (training)
       num_workers=-1,           # decoding worker processes per host (-1 = one per core)
       prefetch=2,               # batches kept ready ahead, per host
       eval_split=config_dict.placeholder(str),  # None = the dataset's validation/val/test split

@@ -502,6 +502,7 @@ class BatchMaker:
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
   eval_crop_pct: float
+  random_flip: bool = True  # horizontal flip with probability 1/2 in the "mae" augmentation
 
   def spec(self) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of each array of a batch."""
@@ -575,7 +576,7 @@ class BatchMaker:
     except DECODE_ERRORS as e:
       _note_skipped(where, e)
       return None, -1
-    if self.augment == "mae" and rng.random() < 0.5:
+    if self.augment == "mae" and self.random_flip and rng.random() < 0.5:
       image = cv2.flip(image, 1)
     return image, label
 
@@ -788,7 +789,8 @@ def create_iterator(input_config: ml_collections.ConfigDict, *, image_size: int,
   Yields {"image": float32 [B / P, S, S, 3] ImageNet-normalized (uint8 with normalize=False),
   "label": int32 [B / P] when the dataset has labels}. train=True: endless, shuffled per epoch;
   train=False: one pass over the split in order, the last batch padded, with "valid": bool.
-  augment: "mae" (RandomResizedCrop input.crop_scale/crop_ratio + flip; default for train) or
+  augment: "mae" (RandomResizedCrop input.crop_scale/crop_ratio + flip unless
+  input.random_flip is False; default for train) or
   "eval" (resize + center crop input.eval_crop_pct; default otherwise). split: default
   input.split for train, input.eval_split (or the dataset's held-out split) otherwise.
   """
@@ -812,7 +814,7 @@ def create_iterator(input_config: ml_collections.ConfigDict, *, image_size: int,
       source, Sampler(n, c.batch_size, process_index, process_count, seed, shuffle=train),
       image_size, augment, one_pass=not train, labeled=source.num_classes is not None,
       normalize=normalize, crop_scale=tuple(c.crop_scale), crop_ratio=tuple(c.crop_ratio),
-      eval_crop_pct=c.get("eval_crop_pct", 0.875))
+      eval_crop_pct=c.get("eval_crop_pct", 0.875), random_flip=c.get("random_flip", True))
   steps = itertools.count(start_step) if train else iter(range(start_step,
                                                                -(-n // c.batch_size)))
   workers = _num_workers(c.num_workers)

@@ -277,6 +277,26 @@ def test_digits_look_like_their_label(data_dir):
   assert (d.argmin(1) == test["label"]).mean() > 0.8
 
 
+def test_random_flip_off_keeps_every_training_crop_unmirrored(data_dir):
+  """Full-image crops (scale and ratio 1) of square digits: with input.random_flip=False each
+  training image is the evaluation resize of its record; with the default about half of them
+  are that image mirrored."""
+  c = _config("sklearn_digits", data_dir, batch_size=64, crop_scale=(1.0, 1.0),
+              crop_ratio=(1.0, 1.0), eval_crop_pct=1.0, split="train")
+  plain = next(ip.create_iterator(c, image_size=16, seed=0, train=True, augment="eval"))
+  c.random_flip = False
+  unflipped = next(ip.create_iterator(c, image_size=16, seed=0, train=True))
+  np.testing.assert_array_equal(unflipped["label"], plain["label"])
+  np.testing.assert_allclose(unflipped["image"], plain["image"], atol=1e-6)
+  c.random_flip = True
+  flipped = next(ip.create_iterator(c, image_size=16, seed=0, train=True))
+  mirrored = [np.allclose(f, p[:, ::-1], atol=1e-6) and not np.allclose(f, p, atol=1e-6)
+              for f, p in zip(flipped["image"], plain["image"])]
+  same = [np.allclose(f, p, atol=1e-6) for f, p in zip(flipped["image"], plain["image"])]
+  assert all(m or s for m, s in zip(mirrored, same))
+  assert 16 <= sum(mirrored) <= 48
+
+
 # ---------------------------------------------------------------------------------------------
 # The global batch at step s is a pure function of (dataset, seed, s).
 
