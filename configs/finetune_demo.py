@@ -1,9 +1,8 @@
 """Fine-tuning demo on the shipped handwritten digits (sklearn_digits: 1437 train, 360 test,
 32x32, 10 classes), a few minutes on a CPU, starting from the configs/demo.py model pretrained
-with MAE on the same digits:
+with MAE on the same digits (configs/demo_digits.py):
 
-    python -m mae_jax.main --config=configs/demo.py --workdir=workdirs/demo_digits \
-        --config.input.dataset=sklearn_digits --config.model.img_size=32 --config.total_steps=500
+    python -m mae_jax.main --config=configs/demo_digits.py --workdir=workdirs/demo_digits
     python -m mae_jax.main --config=configs/finetune_demo.py --workdir=workdirs/finetune_demo
 
 `--config.init_from=` (empty) fine-tunes the same model from a random init, for comparison;
@@ -23,6 +22,14 @@ def get_config(arg=None):
       "vit_b", num_classes=10, img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
       drop_path=0.1, dtype="float32")
   c.input.dataset = "sklearn_digits"
+  # The ImageNet recipe's augmentation (crops down to 8%, flips, RandAugment, erasing, mixup,
+  # cutmix) leaves little of a 32x32 digit: gentle crops, no mirroring, no mixing here.
+  c.input.crop_scale = (0.5, 1.0)
+  c.input.random_flip = False
+  c.augment.rand_augment = ""
+  c.augment.reprob = 0.0
+  c.augment.mixup = 0.0
+  c.augment.cutmix = 0.0
   c.input.batch_size = 64
   c.input.num_workers = 0
   c.eval_batch_size = 120
