@@ -219,15 +219,11 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
     (loss, grads, batch_stats), _ = jax.lax.scan(
         accumulate, zeros, (split(images), split(targets), jnp.arange(accum)))
     loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-  updates, opt_state = tx.update(grads, state.opt_state, weights)
-  params = {**state.params, **optax.apply_updates(weights, updates)}
-  grad_norm = optax.tree.norm(grads)
   # As in train.train_step: a non-finite loss or gradient keeps the old state (the official
   # code stops there; train._NonFiniteGuard stops or skips).
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state, batch_stats = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), (params, opt_state, batch_stats),
-      (state.params, state.opt_state, state.batch_stats))
+  weights, opt_state, batch_stats, grad_norm, finite = train.update_if_finite(
+      tx, loss, grads, state.opt_state, weights, state.batch_stats, batch_stats)
+  params = {**state.params, **weights}
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,

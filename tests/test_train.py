@@ -244,3 +244,30 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state():
   # The matmuls themselves run in bfloat16 (lowering only; nothing is compiled).
   hlo = step.lower(abstract, images).as_text()
   assert "bf16" in hlo and "dot_general" in hlo
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["cond", "select"])
+def test_update_if_finite_updates_or_keeps_everything(branch):
+  """Both ways (lax.cond on CPU, a select on accelerators) give optax's own update when the loss
+  and gradient are finite, and the old params, optimizer state and extra state otherwise."""
+  tx = optax.adamw(0.1, weight_decay=0.05)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
+  stats, new_stats = {"mean": jnp.zeros(3)}, {"mean": jnp.ones(3)}
+  fn = jax.jit(lambda loss, grads: train.update_if_finite(
+      tx, loss, grads, opt_state, params, stats, new_stats, branch=branch))
+  updates, want_opt = tx.update(grads, opt_state, params)
+  want = optax.apply_updates(params, updates)
+  got, got_opt, got_stats, norm, finite = fn(jnp.float32(1.0), grads)
+  assert bool(finite)
+  np.testing.assert_allclose(float(norm), float(optax.tree.norm(grads)), rtol=1e-6)
+  # (one float32 ulp apart at most: XLA may fuse the update's arithmetic differently)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=0),
+               (got, got_opt, got_stats), (want, want_opt, new_stats))
+  inf_grads = {**grads, "b": grads["b"].at[0].set(np.inf)}
+  for loss, bad in ((jnp.float32(np.nan), grads), (jnp.float32(1.0), inf_grads)):
+    got, got_opt, got_stats, _, finite = fn(loss, bad)
+    assert not bool(finite)
+    jax.tree.map(np.testing.assert_array_equal, (got, got_opt, got_stats),
+                 (params, opt_state, stats))
