@@ -344,11 +344,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
       bar.clear()
       run_eval(step, state)
 
-  state, _ = train.run_steps(
-      state, batches, lambda state, batch: step_fn(
-          state, *(input_pipeline.to_global(batch, data_sharding)[k] for k in ("image", "label"))),
-      start=start, total=total, config=config, manager=manager, reporter=reporter, guard=guard,
-      after_step=after_step)
+  def one_step(state: FinetuneState, batch: Dict[str, np.ndarray]):
+    batch = input_pipeline.to_global(batch, data_sharding)
+    return step_fn(state, batch["image"], batch["label"])
+
+  state, _ = train.run_steps(state, batches, one_step, start=start, total=total, config=config,
+                             manager=manager, reporter=reporter, guard=guard,
+                             after_step=after_step)
   bar.close()
   manager.wait_until_finished()
   manager.close()
