@@ -1,8 +1,5 @@
 """mae_jax.checkpoint: params-only checkpoints and the training checkpoints' layout."""
 
-import glob
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +8,7 @@ import pytest
 from mae_jax import checkpoint
 from mae_jax import config_lib
 from mae_jax import train
+import workdir_tools
 
 
 def _params(seed=0):
@@ -87,18 +85,13 @@ def test_load_params_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_pa
     checkpoint.save(mngr, _state(_params(step), step), config)
   mngr.wait_until_finished()
   mngr.close()
-  # A crash that cut the newest params short (OCDBT keeps the array bytes under .../d/).
-  data = max(glob.glob(f"{tmp_path}/checkpoints/6/params/**/d/*", recursive=True),
-             key=os.path.getsize)
-  with open(data, "r+b") as f:
-    f.truncate(os.path.getsize(data) // 2)
+  workdir_tools.truncate(
+      workdir_tools.largest_array_file(tmp_path / "checkpoints" / "6" / "params"))
   params, _ = checkpoint.load_params(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, params, _params(3))
   assert (tmp_path / "checkpoints" / "6").is_dir()  # a reader leaves the damaged one in place
   # Every one damaged: an error naming each, not a silent start from scratch.
-  data = max(glob.glob(f"{tmp_path}/checkpoints/3/params/**/d/*", recursive=True),
-             key=os.path.getsize)
-  with open(data, "r+b") as f:
-    f.truncate(os.path.getsize(data) // 2)
+  workdir_tools.truncate(
+      workdir_tools.largest_array_file(tmp_path / "checkpoints" / "3" / "params"))
   with pytest.raises(RuntimeError, match=r"checkpoints/6/params.*checkpoints/3/params"):
     checkpoint.load_params(str(tmp_path))

@@ -8,7 +8,6 @@ and exits 0, and a run SIGKILLed between saves resumes bit-identically.
 """
 
 import collections
-import glob
 import importlib.util
 import json
 import os
@@ -28,6 +27,12 @@ from mae_jax import config_lib
 from mae_jax import input_pipeline
 from mae_jax import models
 from mae_jax import train
+import workdir_tools
+from workdir_tools import largest_array_file as _largest_array_file
+from workdir_tools import losses as _losses
+from workdir_tools import rows as _rows
+from workdir_tools import steps as _steps
+from workdir_tools import truncate as _truncate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3
@@ -59,13 +64,8 @@ def _tiny_config(**fields):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Subprocess environment: fast CPU compiles, a shared compilation cache, no pod settings."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MAE_JAX_", "SLURM_", "FAULT_"))}
-  env.update(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
+  return workdir_tools.subprocess_env(tmp_path_factory.mktemp("jax_cache"),
+                                      drop=("MAE_JAX_", "SLURM_", "FAULT_"))
 
 
 def _run(env, workdir, *flags, faults=None, tiny=True) -> subprocess.CompletedProcess:
@@ -83,25 +83,6 @@ def _ok(result: subprocess.CompletedProcess) -> str:
   return result.stderr
 
 
-def _losses(workdir) -> dict:
-  """step -> (loss, grad_norm, lr); every row of a step must agree (a resumed run repeats some)."""
-  out = {}
-  for row in _rows(workdir):
-    value = (row["loss"], row["grad_norm"], row["lr"])
-    assert out.setdefault(row["step"], value) == value, f"step {row['step']} differs"
-  return out
-
-
-def _rows(workdir) -> list:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _steps(workdir) -> list:
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                if p.name.isdigit())
-
-
 def _params(step_dir) -> dict:
   params, _ = checkpoint.load_params(str(step_dir))
   return jax.device_get(params)
@@ -114,16 +95,6 @@ def _assert_same_params(a, b):
 def _copy_checkpoints(reference, workdir, steps=None):
   for step in steps or _steps(reference):
     shutil.copytree(reference / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
-
-
-def _largest_array_file(item_dir) -> str:
-  """The biggest data file of a checkpoint item (OCDBT keeps arrays under .../d/)."""
-  return max(glob.glob(f"{item_dir}/**/d/*", recursive=True), key=os.path.getsize)
-
-
-def _truncate(path: str) -> None:
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
 
 
 @pytest.fixture(scope="module")

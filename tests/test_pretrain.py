@@ -3,7 +3,6 @@ SIGTERM, 8 simulated devices with fsdp against 1, checkpoints moving between the
 errors before compiling."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -16,6 +15,10 @@ import pytest
 
 from mae_jax import config_lib
 from mae_jax import train
+import workdir_tools
+from workdir_tools import losses as _losses
+from workdir_tools import rows as _rows
+from workdir_tools import steps as _steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 6
@@ -34,12 +37,7 @@ TINY = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVER
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Subprocess environment: fast CPU compiles, a shared compilation cache, no pod settings."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("MAE_JAX_", "SLURM_"))}
-  env.update(XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
+  return workdir_tools.subprocess_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _command(workdir, devices=1, extra=(), tiny=True):
@@ -69,25 +67,6 @@ def _finish(*procs: subprocess.Popen) -> list:
     proc.wait(timeout=900)
     assert proc.returncode == 0, _log(proc)[-3000:]
   return [_log(proc) for proc in procs]
-
-
-def _rows(workdir) -> list:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _losses(workdir) -> dict:
-  """step -> (loss, grad_norm, lr); every row of a step must agree (a resumed run repeats some)."""
-  out = {}
-  for row in _rows(workdir):
-    value = (row["loss"], row["grad_norm"], row["lr"])
-    assert out.setdefault(row["step"], value) == value, f"step {row['step']} differs"
-  return out
-
-
-def _steps(workdir) -> list:
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                if p.name.isdigit())
 
 
 def _wait_for(predicate, proc, timeout=300):
