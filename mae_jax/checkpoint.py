@@ -298,15 +298,6 @@ def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[]
   return found
 
 
-def find_params(path: str) -> Tuple[epath.Path, Optional[Callable[[], Any]]]:
-  """The params directory for `path` and a reader of its config (None if there is none).
-
-  `path` is a workdir (its newest training checkpoint, else its params/), one step directory
-  WORKDIR/checkpoints/<step>, or a params directory itself.
-  """
-  return _params_candidates(path)[0]
-
-
 def load_params(path: str, *, target: Any = None
                 ) -> Tuple[Params, Optional[ml_collections.ConfigDict]]:
   """(params, config or None) from a workdir's newest training checkpoint or its params/.
