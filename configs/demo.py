@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.input.dataset = "skimage_photos"
   c.input.batch_size = 64
   c.input.num_workers = 0
+  c.input.decoded_cache_mb = 128  # the seven photos, decoded once (the same pixels, 7x the speed)
   c.total_steps = 300
   c.warmup_steps = 20
   c.optimizer.lr = 1e-3

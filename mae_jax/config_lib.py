@@ -39,6 +39,7 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       random_flip=True,         # horizontal flip with probability 1/2 (training)
       num_workers=-1,           # decoding worker processes per host (-1 = one per core)
       prefetch=2,               # batches kept ready ahead, per host
+      decoded_cache_mb=0,       # decoded images kept in memory per process (small datasets)
       eval_split=config_dict.placeholder(str),  # None = the dataset's validation/val/test split
       eval_crop_pct=0.875,      # evaluation: resize to img_size / eval_crop_pct, center crop
   ))

@@ -137,28 +137,34 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
 
 
 def decode_and_crop(data: bytes, size: int, choose_box: Callable[[int, int], Box],
-                    where: str = "") -> np.ndarray:
+                    where: str = "", decoded: dict[int, np.ndarray] | None = None) -> np.ndarray:
   """Encoded image -> uint8 RGB [size, size, 3]: the box `choose_box(width, height)` resized.
 
+  `decoded`, when given, caches this one image's decoded pixels ({JPEG DCT scale: pixels}): read
+  before decoding and added to after, so a cached image gives the same output as a fresh decode.
   Raises one of DECODE_ERRORS for data that is not a readable image.
   """
   image = Image.open(io.BytesIO(data))  # parses the header only
   width, height = image.size
   box = choose_box(width, height)
   jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
-  if jpeg:
-    if image.mode == "L":
-      _note("grayscale image converted to RGB", where)
-    # OpenCV's libjpeg-turbo gives PIL's pixels without PIL's copies, at 1/2, 1/4 or 1/8 scale
-    # in the DCT domain when the box allows; EXIF orientation is ignored, as PIL does. BGR
-    # (IMREAD_COLOR_RGB needs OpenCV >= 4.11): swapped after the resize, on fewer pixels.
-    flags = (_DCT_FLAGS[_dct_scale(box, size)] | cv2.IMREAD_COLOR
-             | cv2.IMREAD_IGNORE_ORIENTATION)
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if pixels is None:
-      raise OSError("corrupt or truncated JPEG")
-  else:
-    pixels = np.asarray(_to_rgb(image, where))
+  scale = _dct_scale(box, size) if jpeg else 1
+  pixels = None if decoded is None else decoded.get(scale)
+  if pixels is None:
+    if jpeg:
+      if image.mode == "L":
+        _note("grayscale image converted to RGB", where)
+      # OpenCV's libjpeg-turbo gives PIL's pixels without PIL's copies, at 1/2, 1/4 or 1/8
+      # scale in the DCT domain when the box allows; EXIF orientation is ignored, as PIL does.
+      # BGR (IMREAD_COLOR_RGB needs OpenCV >= 4.11): swapped after the resize, on fewer pixels.
+      flags = _DCT_FLAGS[scale] | cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+      pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+      if pixels is None:
+        raise OSError("corrupt or truncated JPEG")
+    else:
+      pixels = np.asarray(_to_rgb(image, where))
+    if decoded is not None:
+      decoded[scale] = pixels
   sx, sy = width / pixels.shape[1], height / pixels.shape[0]
   left, top, w, h = box
   out = _resize(pixels, (left / sx, top / sy, w / sx, h / sy), size)
@@ -489,6 +495,45 @@ class Sampler:
     return epoch, i
 
 
+class DecodedCache:
+  """Records' encoded bytes, labels and decoded pixels, kept in memory up to `budget` bytes (the
+  `input.decoded_cache_mb` of a config) for datasets small enough that each image recurs many
+  times: the decode, most of the input's cost, then happens once per image and DCT scale. Each
+  process and worker keeps its own; a record that does not fit is read and decoded each time,
+  as without a cache. The output is the same either way."""
+
+  def __init__(self, budget: int):
+    self.budget = budget
+    self.used = 0
+    self.entries: dict[int, tuple[bytes, int, dict[int, np.ndarray]]] = {}
+    self.sizes: dict[int, int] = {}  # bytes of each entry as last counted in `used`
+
+  def read(self, source: Any, record: int) -> tuple[bytes, int, dict[int, np.ndarray] | None]:
+    """(data, label, the record's dict of decodes to pass to decode_and_crop, or None)."""
+    entry = self.entries.get(record)
+    if entry is not None:
+      return entry
+    data, label = source.read(record)
+    if not self.budget or self.used + len(data) > self.budget:
+      return data, label, None
+    entry = self.entries[record] = (data, label, {})
+    self.sizes[record] = len(data)
+    self.used += len(data)
+    return entry
+
+  def settle(self, record: int) -> None:
+    """Counts the record's new decodes, if any; drops the record when that goes over budget."""
+    entry = self.entries.get(record)
+    if entry is None:
+      return
+    size = len(entry[0]) + sum(p.nbytes for p in entry[2].values())
+    self.used += size - self.sizes[record]
+    self.sizes[record] = size
+    if self.used > self.budget:
+      del self.entries[record]
+      self.used -= self.sizes.pop(record)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchMaker:
   """Fills this process's rows of the global batch at a step; picklable for worker processes."""
@@ -503,6 +548,20 @@ class BatchMaker:
   crop_ratio: tuple[float, float]
   eval_crop_pct: float
   random_flip: bool = True  # horizontal flip with probability 1/2 in the "mae" augmentation
+  decoded_cache_bytes: int = 0  # DecodedCache budget per process (0: no cache)
+  _cache: DecodedCache = dataclasses.field(default=None, compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "_cache", DecodedCache(self.decoded_cache_bytes))
+
+  def __getstate__(self):
+    # A worker process starts with an empty cache of its own.
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_cache"}
+
+  def __setstate__(self, state):
+    for k, v in state.items():
+      object.__setattr__(self, k, v)
+    self.__post_init__()
 
   def spec(self) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of each array of a batch."""
@@ -567,15 +626,17 @@ class BatchMaker:
   def _image(self, record: int, rng: np.random.Generator) -> tuple[np.ndarray | None, int]:
     where = self.source.describe(record)
     try:
-      data, label = self.source.read(record)
+      data, label, decoded = self._cache.read(self.source, record)
       if self.augment == "mae":
         box = lambda w, h: random_resized_crop_box(rng, w, h, self.crop_scale, self.crop_ratio)
       else:
         box = lambda w, h: center_crop_box(w, h, self.eval_crop_pct)
-      image = decode_and_crop(data, self.image_size, box, where)
+      image = decode_and_crop(data, self.image_size, box, where, decoded)
     except DECODE_ERRORS as e:
       _note_skipped(where, e)
       return None, -1
+    finally:
+      self._cache.settle(record)
     if self.augment == "mae" and self.random_flip and rng.random() < 0.5:
       image = cv2.flip(image, 1)
     return image, label
@@ -764,6 +825,9 @@ def validate(input_config: ml_collections.ConfigDict) -> None:
                      "in this process) or a count.")
   if c.prefetch < 0:
     raise ValueError(f"input.prefetch={c.prefetch} must be >= 0.")
+  if not isinstance(c.get("decoded_cache_mb", 0), int) or c.get("decoded_cache_mb", 0) < 0:
+    raise ValueError(f"input.decoded_cache_mb={c.decoded_cache_mb!r} must be an integer >= 0 "
+                     "(0: no cache).")
   if not 0 < c.get("eval_crop_pct", 0.875) <= 1:
     raise ValueError(f"input.eval_crop_pct={c.eval_crop_pct} must be in (0, 1].")
   open_source(c)
@@ -814,7 +878,8 @@ def create_iterator(input_config: ml_collections.ConfigDict, *, image_size: int,
       source, Sampler(n, c.batch_size, process_index, process_count, seed, shuffle=train),
       image_size, augment, one_pass=not train, labeled=source.num_classes is not None,
       normalize=normalize, crop_scale=tuple(c.crop_scale), crop_ratio=tuple(c.crop_ratio),
-      eval_crop_pct=c.get("eval_crop_pct", 0.875), random_flip=c.get("random_flip", True))
+      eval_crop_pct=c.get("eval_crop_pct", 0.875), random_flip=c.get("random_flip", True),
+      decoded_cache_bytes=c.get("decoded_cache_mb", 0) << 20)
   steps = itertools.count(start_step) if train else iter(range(start_step,
                                                                -(-n // c.batch_size)))
   workers = _num_workers(c.num_workers)

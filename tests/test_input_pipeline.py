@@ -223,6 +223,7 @@ def test_unprepared_imagenet_says_what_to_download_and_the_command(tmp_path):
     (dict(batch_size=0), "input.batch_size"),
     (dict(crop_scale=(0.5, 0.2)), "input.crop_scale"),
     (dict(split="validation"), "input.split"),
+    (dict(decoded_cache_mb=-1), "input.decoded_cache_mb"),
 ])
 def test_bad_config_names_the_field(data_dir, overrides, field):
   c = _config("sklearn_digits", data_dir)
@@ -341,6 +342,71 @@ def test_worker_processes_give_the_same_batches(bad_folder):
   iterator.close()
   for a, b in zip(want, got):
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoded_cache_gives_the_same_batches(bad_folder, workers):
+  c = _config(f"folder:{bad_folder}", batch_size=4)
+  want = _take(ip.create_iterator(c, image_size=16, seed=3, train=True), 8)
+  c.update(dict(decoded_cache_mb=16, num_workers=workers))
+  iterator = ip.create_iterator(c, image_size=16, seed=3, train=True)
+  got = _take(iterator, 8)
+  iterator.close()
+  for a, b in zip(want, got):
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_decoded_cache_decodes_each_image_once_per_dct_scale(tmp_path, monkeypatch):
+  photo = skimage.data.astronaut()
+  for i in range(3):  # 96 x 64 JPEGs: crops to 16 px decode at DCT scale 1, 2 or 4
+    (tmp_path / f"{i}.jpg").write_bytes(_jpeg(photo[i * 50:i * 50 + 64, :96]))
+  for i in range(2):
+    Image.fromarray(photo[i * 70:i * 70 + 64, 100:196]).save(tmp_path / f"{i}.png")
+  calls = []
+  for module, name in ((ip.cv2, "imdecode"), (ip, "_to_rgb")):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name,
+                        lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+  counts = {}
+  for cache_mb in (0, 16):
+    calls.clear()
+    c = _config(f"folder:{tmp_path}", batch_size=4, decoded_cache_mb=cache_mb, prefetch=0)
+    _take(ip.create_iterator(c, image_size=16, seed=0, train=True, augment="mae"), 10)
+    counts[cache_mb] = len(calls)
+  assert counts[0] == 40  # every example decoded
+  assert counts[16] <= 3 * 3 + 2  # each JPEG at most at its three scales, each PNG once
+
+
+def test_decoded_cache_stays_within_its_budget_and_changes_no_output():
+  photo = skimage.data.astronaut()  # 512 x 512: one decode is 768 KiB
+  blobs = [_jpeg(np.roll(photo, 40 * i, axis=1)) for i in range(4)]
+
+  class Blobs:  # the read() of a dataset source
+    def read(self, index):
+      return blobs[index], index
+
+  budget = 1 << 20
+  cache = ip.DecodedCache(budget)
+  box = lambda w, h: (0, 0, w, h)  # the whole image at 64 px: DCT scale 8
+  for _ in range(2):
+    for i in range(4):
+      data, label, decoded = cache.read(Blobs(), i)
+      got = ip.decode_and_crop(data, 512, box, decoded=decoded)  # scale 1: 768 KiB
+      cache.settle(i)
+      assert label == i and cache.used <= budget
+      assert got.tobytes() == ip.decode_and_crop(blobs[i], 512, box).tobytes()
+      data, label, decoded = cache.read(Blobs(), i)
+      got = ip.decode_and_crop(data, 64, box, decoded=decoded)  # scale 8: 12 KiB more
+      cache.settle(i)
+      assert cache.used <= budget
+      assert got.tobytes() == ip.decode_and_crop(blobs[i], 64, box).tobytes()
+  # The first image keeps both decodes; the others' full-size decodes never fit beside it, their
+  # small ones do until the budget is spent.
+  assert set(cache.entries[0][2]) == {1, 8}
+  assert 1 <= len(cache.entries) < 4
+  assert all(set(decoded) == {8} for i, (_, _, decoded) in cache.entries.items() if i)
+  assert cache.used == sum(len(d) + sum(p.nbytes for p in dec.values())
+                           for d, _, dec in cache.entries.values())
 
 
 def test_a_dead_worker_stops_the_run_with_a_clear_error(bad_folder):
