@@ -60,6 +60,9 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
   c.reconstruction_every_steps = 5000
   # A non-finite loss or gradient stops the run (False) or skips that update (True).
   c.skip_nonfinite_steps = False
+  # How the step keeps the old state on a non-finite update: "cond" (a branch), "select" (compute
+  # the update, then pick) or "auto" (cond on CPU, select elsewhere); the same numbers.
+  c.nonfinite_guard = "auto"
   return c
 
 

@@ -88,6 +88,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
     check(m[name] >= 0, f"config.model.{name}={m[name]} must be >= 0.")
   check(m.dtype in COMPUTE_DTYPES,
         f"config.model.dtype={m.dtype!r} is not one of {COMPUTE_DTYPES}.")
+  check(config.get("nonfinite_guard", "auto") in GUARDS,
+        f"config.nonfinite_guard={config.get('nonfinite_guard')!r} is not one of "
+        f"{tuple(GUARDS)}.")
 
   check(o.lr > 0 or o.blr > 0, f"config.optimizer.blr={o.blr} and config.optimizer.lr={o.lr}: "
         f"set blr > 0 (lr = blr * batch / 256) or lr > 0.")
@@ -260,6 +263,10 @@ def masking_noise(rng: jax.Array, step: jax.Array, batch: int, num_patches: int)
   return jax.random.uniform(key, (batch, num_patches), jnp.float32)
 
 
+# config.nonfinite_guard -> update_if_finite's `branch`.
+GUARDS = {"auto": None, "cond": True, "select": False}
+
+
 def update_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: Params,
                      opt_state: Any, params: Params, extra: Any = None, new_extra: Any = None,
                      *, branch: Optional[bool] = None):
@@ -298,8 +305,10 @@ def update_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: P
 
 def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAutoencoder,
                tx: optax.GradientTransformation, learning_rate: Schedule, mask_ratio: float,
-               grad_accum_steps: int = 1) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer update on a global batch of NHWC images, optionally in micro-batches."""
+               grad_accum_steps: int = 1, guard_branch: Optional[bool] = None
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer update on a global batch of NHWC images, optionally in micro-batches;
+  `guard_branch` is `update_if_finite`'s `branch`."""
   b = images.shape[0]
   num_patches = (model.img_size // model.patch_size) ** 2
   noise = masking_noise(state.rng, state.step, b, num_patches)
@@ -329,7 +338,7 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
   # non-finite reaches a checkpoint; the loop then stops or skips (_NonFiniteGuard). The step
   # still advances: the next update takes the next batch.
   params, opt_state, _, grad_norm, finite = update_if_finite(tx, loss, grads, state.opt_state,
-                                                             state.params)
+                                                             state.params, branch=guard_branch)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -342,7 +351,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoen
   shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   step = functools.partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                            mask_ratio=config.model.mask_ratio,
-                           grad_accum_steps=config.optimizer.grad_accum_steps)
+                           grad_accum_steps=config.optimizer.grad_accum_steps,
+                           guard_branch=GUARDS[config.get("nonfinite_guard", "auto")])
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 

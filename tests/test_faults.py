@@ -339,6 +339,8 @@ BAD_CONFIGS = [  # (fields, check, the field as named, the fix)
     ({"model.decoder_embed_dim": 18}, _validate_train(), "config.model.decoder_embed_dim=18",
      "needs a width divisible by 4"),
     ({"model.in_chans": 1}, _validate_train(), "config.model.in_chans=1", "set it to 3"),
+    ({"nonfinite_guard": "maybe"}, _validate_train(), "config.nonfinite_guard='maybe'",
+     "is not one of ('auto', 'cond', 'select')"),
     ({"model.dtype": "fp16"}, _validate_train(), "config.model.dtype='fp16'",
      "is not one of ('float32', 'bfloat16', 'float16')"),
     ({"optimizer.lr": 0.0, "optimizer.blr": 0.0}, _validate_train(), "config.optimizer.blr=0.0",

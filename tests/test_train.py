@@ -160,6 +160,10 @@ def tiny():
   for accum in (1, 4):
     config.optimizer.grad_accum_steps = accum
     steps[accum] = train.jit_train_step(config, model, tx, lr, abstract, mesh)
+  config.optimizer.grad_accum_steps = 1
+  for guard in ("cond", "select"):
+    config.nonfinite_guard = guard
+    steps[guard] = train.jit_train_step(config, model, tx, lr, abstract, mesh)
   # Each use gets a copy: the step donates its input state.
   return lambda: jax.tree.map(jnp.copy, state), steps
 
@@ -196,6 +200,23 @@ def test_gradient_accumulation_equals_the_full_batch_update(tiny):
     # scales the rounding noise there up to about lr, so it proves nothing either way.
     if not name.endswith("['key']['bias']"):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_nonfinite_guard_setting_picks_the_branch_and_changes_no_number(tiny):
+  fresh, steps = tiny
+  text = {g: steps[g].lower(fresh(), _images()).as_text() for g in ("cond", "select")}
+  assert "stablehlo.case" in text["cond"] and "stablehlo.case" not in text["select"]
+  results = {}
+  for guard in ("cond", "select"):
+    state = fresh()
+    for batch in (_images(), jnp.full((8, 16, 16, 3), jnp.nan), _images(seed=1)):
+      state, metrics = steps[guard](state, batch)
+    results[guard] = (state, metrics)
+  (a, ma), (b, mb) = results["cond"], results["select"]
+  assert int(a.step) == int(b.step) == 3 and float(ma["nonfinite"]) == 0.0
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 def test_masking_noise_is_per_example_and_a_function_of_seed_and_step():
