@@ -19,10 +19,11 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from mae_jax import models
 from mae_jax import train
-from mae_jax.benchmarks.flops import train_flops_per_image
+from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
 # Matmul sizes for the measured peak: large enough to saturate an accelerator, small enough to
 # take about a second on a laptop CPU.
@@ -66,6 +67,13 @@ def apply_overrides(config: ml_collections.ConfigDict, batch_size: Optional[int]
     config.input.batch_size = batch_size
   if mask_ratio is not None:
     config.model.mask_ratio = mask_ratio
+  m = config.model
+  if m.patch_size > 0 and m.img_size % m.patch_size == 0:
+    timed = timed_mask_ratio(m.mask_ratio, (m.img_size // m.patch_size) ** 2)
+    if timed != m.mask_ratio:
+      logging.warning("mask ratio %s masks no patch (the loss would be 0/0): timing %.5f, "
+                      "one patch masked.", m.mask_ratio, timed)
+      m.mask_ratio = timed
   return config
 
 

@@ -25,6 +25,7 @@ from mae_jax import checkpoint
 from mae_jax import models
 from mae_jax import visualize
 from mae_jax import writers
+from mae_jax.models.functional import num_kept
 
 Params = Dict[str, Any]
 Schedule = Callable[[jax.Array], jax.Array]
@@ -76,6 +77,11 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
         f"{_divisor_near(m.img_size, m.patch_size)}).")
   check(0.0 <= m.mask_ratio < 1.0,
         f"config.model.mask_ratio={m.mask_ratio} is outside [0, 1); the paper uses 0.75.")
+  patches = (m.img_size // m.patch_size) ** 2
+  check(not 0.0 <= m.mask_ratio < 1.0 or num_kept(patches, m.mask_ratio) < patches,
+        f"config.model.mask_ratio={m.mask_ratio} masks none of the {patches} patches, and the "
+        f"loss is the error on masked patches only (0/0, as in the official code): use at least "
+        f"{1 / patches:.4g} (one patch); the paper uses 0.75.")
   check(m.in_chans == 3, f"config.model.in_chans={m.in_chans}: the input pipeline gives RGB "
         f"images; set it to 3.")
   for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):

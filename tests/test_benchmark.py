@@ -42,6 +42,7 @@ def _python(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 def test_importing_the_benchmark_needs_no_tensorflow():
   proc = _python("import mae_jax.benchmark\n"
                  "from mae_jax.benchmarks import cpu_all, gpu_all, torch_reference\n"
+                 "import mae_jax.official\n"
                  "print([m for m, v in sys.modules.items() if m.startswith('tensorflow') and v])")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "[]"
@@ -69,6 +70,50 @@ def test_bad_benchmark_flags_are_refused_with_the_fix():
                  "--config=configs/demo.py", "--batch_size=0", "--steps=1", timeout=300)
   assert proc.returncode != 0
   assert "config.input.batch_size=0 must be at least 1" in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["cpu_all", "gpu_all", "torch_reference", "official"])
+def test_runs_of_the_official_code_without_a_clone_of_it_are_refused_with_the_fix(
+    which, tmp_path, capsys):
+  from mae_jax import official  # pylint: disable=g-import-not-at-top
+  from mae_jax.benchmarks import cpu_all, torch_reference  # pylint: disable=g-import-not-at-top
+  empty = str(tmp_path / "not_a_clone")
+  os.makedirs(empty)
+  run = {"cpu_all": lambda: cpu_all.main([f"--mae_repo={empty}", f"--out={tmp_path}/out"]),
+         "gpu_all": lambda: gpu_all.main([f"--mae_repo={empty}", f"--out={tmp_path}/out"]),
+         "torch_reference": lambda: torch_reference.main(["--impl=official", "--size=vit_b"]),
+         "official": lambda: official.main([f"--mae_repo={empty}"])}[which]
+  with pytest.raises(SystemExit) as exit_info:
+    run()
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "https://github.com/facebookresearch/mae" in err
+  assert ("--mae_repo=PATH" if which == "torch_reference" else "has no models_mae.py") in err
+  assert not os.path.exists(f"{tmp_path}/out")  # refused before anything ran
+  with pytest.raises(FileNotFoundError, match="has no models_mae.py"):
+    official.import_official(empty)
+
+
+@pytest.mark.parametrize("patches", [16, 196, 256])
+def test_mask_ratio_zero_is_timed_with_exactly_one_patch_masked(patches):
+  from mae_jax.benchmarks.flops import timed_mask_ratio  # pylint: disable=g-import-not-at-top
+  from mae_jax.models.functional import num_kept  # pylint: disable=g-import-not-at-top
+  assert num_kept(patches, timed_mask_ratio(0.0, patches)) == patches - 1
+  assert timed_mask_ratio(0.75, patches) == 0.75
+
+
+def test_benchmark_at_mask_ratio_zero_times_a_step_with_a_finite_loss():
+  from mae_jax import benchmark, train  # pylint: disable=g-import-not-at-top
+  config = config_lib.pretrain_config("vit_b")
+  config.model.update(dict(TINY, dtype="float32", mask_ratio=0.0))
+  with pytest.raises(ValueError, match="masks none of the 16 patches"):
+    train.validate_config(config)
+  config = benchmark.apply_overrides(config, 4, 0.0)
+  train.validate_config(config)
+  (loss, _, mask), _ = from_config(config.model).init_with_output(
+      {"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.ones((4, 32, 32, 3)),
+      mask_ratio=config.model.mask_ratio)
+  assert jnp.isfinite(loss) and mask.sum(axis=1).tolist() == [1, 1, 1, 1]
 
 
 def test_train_flops_match_a_hand_count_for_a_tiny_model():
@@ -120,6 +165,10 @@ def test_gpu_all_records_every_run_and_skips_what_the_budget_leaves_out(tmp_path
   assert rows[0]["status"] == "ok" and rows[0]["peak_tflops"] > 0
   names = [run["name"] for run in gpu_all.plan(256, 10, 3)]
   assert [r["name"] for r in rows[1:]] == names
+  with_official = gpu_all.plan(256, 10, 3, mae_repo="/somewhere/mae")
+  assert [r["name"] for r in with_official[:len(names)]] == names  # the official code comes last
+  assert [r["impl"] for r in with_official[len(names):]] == ["official"] * 3
+  assert all("--mae_repo=/somewhere/mae" in r["cmd"] for r in with_official[len(names):])
   assert all(r["status"] == "skipped (time budget)" for r in rows[1:])
   table = (tmp_path / "results.md").read_text()
   assert all(f"| {name} |" in table for name in names)

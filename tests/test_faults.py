@@ -334,6 +334,8 @@ BAD_CONFIGS = [  # (fields, check, the field as named, the fix)
      "config.model.img_size=16", "choose a patch size that divides the image size (e.g. 8)"),
     ({"model.mask_ratio": 1.5}, _validate_train(), "config.model.mask_ratio=1.5",
      "the paper uses 0.75"),
+    ({"model.mask_ratio": 0.0}, _validate_train(), "config.model.mask_ratio=0.0 masks none of "
+     "the 16 patches", "use at least 0.0625 (one patch)"),
     ({"model.num_heads": 3}, _validate_train(), "config.model.num_heads=3",
      "pick a head count that divides the width"),
     ({"model.decoder_embed_dim": 18}, _validate_train(), "config.model.decoder_embed_dim=18",

@@ -1,9 +1,12 @@
 """The CPU figures of BENCHMARKS.md in one call: mae_jax beside the PyTorch reference.
 
-    python -m mae_jax.benchmarks.cpu_all --out=benchmarks/out_cpu [--rounds=2]
+    python -m mae_jax.benchmarks.cpu_all --out=benchmarks/out_cpu [--rounds=2] \
+        [--mae_repo=/path/to/facebookresearch/mae]
 
 ViT-B/16 at batch 4 in float32 (optimizer included) at mask ratio 0.75 and 0.0, for mae_jax and
-for transformers' ViTMAE (mae_jax.benchmarks.torch_reference), and the demo config. The runs go
+for transformers' ViTMAE (mae_jax.benchmarks.torch_reference), and the demo config; with
+`--mae_repo` (a clone of the official code, and timm installed), for the official models_mae.py
+too. The runs go
 round-robin, `--rounds` times, each in its own process, and each run keeps its fastest round: on
 a machine that others load too, every implementation then gets the same chances. Results go to
 OUT/results.jsonl (every round) and OUT/results.md (the table and the 0.0 / 0.75 step-time
@@ -17,12 +20,13 @@ from typing import Any, Dict, List, Optional
 
 from mae_jax import config_lib
 from mae_jax.benchmarks import gpu_all
-from mae_jax.benchmarks.flops import train_flops_per_image
+from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
 RATIOS = (0.75, 0.0)
 
 
-def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
+def plan(batch: int, steps: int, warmup: int,
+         mae_repo: Optional[str] = None) -> List[Dict[str, Any]]:
   """The runs of one round: name, implementation, mask ratio and command."""
   runs = []
   for ratio in RATIOS:
@@ -34,6 +38,12 @@ def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
                      cmd=["-m", "mae_jax.benchmarks.torch_reference", "--size=vit_b",
                           f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}",
                           f"--mask_ratio={ratio}"]))
+    if mae_repo:
+      runs.append(dict(name=f"official_vit_b_mask{ratio}", impl="official", mask_ratio=ratio,
+                       cmd=["-m", "mae_jax.benchmarks.torch_reference", "--size=vit_b",
+                            "--impl=official", f"--mae_repo={os.path.abspath(mae_repo)}",
+                            f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}",
+                            f"--mask_ratio={ratio}"]))
   runs.append(dict(name="ours_demo", impl="mae_jax", mask_ratio=0.75,
                    cmd=["-m", "mae_jax.benchmark", "--config=configs/demo.py",
                         f"--steps={steps}", f"--warmup={warmup}"]))
@@ -63,17 +73,21 @@ def markdown(rows: List[Dict[str, Any]], batch: int) -> str:
     else:
       lines.append(f"| {name} | | | | {ok}/{total} |")
   m = config_lib.model_config("vit_b")
-  flop_ratio = train_flops_per_image(m, 0.0) / train_flops_per_image(m, 0.75)
+  zero = timed_mask_ratio(0.0, (m.img_size // m.patch_size) ** 2)
+  flop_ratio = train_flops_per_image(m, zero) / train_flops_per_image(m, 0.75)
   lines.append("")
-  lines.append(f"ViT-B/16 batch {batch}, step time at mask ratio 0.0 over 0.75 (FLOP ratio "
-               f"{flop_ratio:.2f}):")
-  for impl in ("ours", "torch"):
+  lines.append(f"ViT-B/16 batch {batch}, step time at mask ratio 0.0 (timed with one patch "
+               f"masked, so that the loss is defined) over 0.75 (FLOP ratio {flop_ratio:.2f}):")
+  for impl in ("ours", "torch", "official"):
     a, b = top.get(f"{impl}_vit_b_mask0.0"), top.get(f"{impl}_vit_b_mask0.75")
     if a and b:
       lines.append(f"- {impl}: {a['step_s'] / b['step_s']:.2f}")
-  a, b = top.get("ours_vit_b_mask0.75"), top.get("torch_vit_b_mask0.75")
-  if a and b:
-    lines.append(f"- ours / torch images/s at 0.75: {a['img_per_s'] / b['img_per_s']:.2f}")
+  for ratio in RATIOS:
+    for other in ("torch", "official"):
+      a, b = top.get(f"ours_vit_b_mask{ratio}"), top.get(f"{other}_vit_b_mask{ratio}")
+      if a and b:
+        lines.append(f"- ours / {other} images/s at {ratio}: "
+                     f"{a['img_per_s'] / b['img_per_s']:.2f}")
   return "\n".join(lines) + "\n"
 
 
@@ -86,11 +100,17 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--run_cap_s", type=float, default=900.0, help="Limit of one run.")
   parser.add_argument("--only", default="", help="Comma-separated run names (default: all).")
+  parser.add_argument("--mae_repo", default="",
+                      help="A clone of https://github.com/facebookresearch/mae: also time the "
+                           "official models_mae.py (needs timm).")
   parser.add_argument("--cpus", default="",
                       help="Comma-separated CPU ids every run is pinned to (default: all). One "
                            "core each keeps a comparison fair on a machine that others load: "
                            "no thread of either side then waits on a descheduled sibling.")
   args = parser.parse_args(argv)
+  if args.mae_repo and not os.path.isfile(os.path.join(args.mae_repo, "models_mae.py")):
+    parser.error(f"--mae_repo={args.mae_repo} has no models_mae.py: pass a clone of "
+                 f"https://github.com/facebookresearch/mae")
   os.makedirs(args.out, exist_ok=True)
   only = set(filter(None, args.only.split(",")))
   cpus = {int(c) for c in args.cpus.split(",") if c}
@@ -98,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   with open(os.path.join(args.out, "results.jsonl"), "a") as results, \
        open(os.path.join(args.out, "cpu_all.log"), "a") as log:
     for round_index in range(args.rounds):
-      for run in plan(args.batch_size, args.steps, args.warmup):
+      for run in plan(args.batch_size, args.steps, args.warmup, args.mae_repo or None):
         if only and run["name"] not in only:
           continue
         load = os.getloadavg()[0]

@@ -3,6 +3,18 @@
 from mae_jax.models.functional import num_kept
 
 
+def timed_mask_ratio(mask_ratio: float, num_patches: int) -> float:
+  """The mask ratio that the benchmarks time for `mask_ratio`: itself, unless it masks no patch.
+
+  At mask ratio 0.0 the loss, an error over the masked patches only, is 0/0 (NaN, as in the
+  official code): a trainer skips or stops on it (mae_jax's non-finite guard skips the optimizer
+  on CPU), so "the step at mask ratio 0.0" is timed with exactly one patch masked, on both sides.
+  """
+  if num_kept(num_patches, mask_ratio) < num_patches:
+    return mask_ratio
+  return 0.5 / num_patches  # keeps int(num_patches - 0.5) = num_patches - 1
+
+
 def train_flops_per_image(model_config, mask_ratio: float) -> float:
   """3x the forward matmul and attention FLOPs (2 per multiply-add) of one image.
 

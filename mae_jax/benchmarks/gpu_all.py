@@ -55,8 +55,10 @@ def environment(peak_size: int) -> None:
                         device_count=jax.device_count(), versions=versions)))
 
 
-def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
-  """The runs in priority order: name, implementation, size, extra flags and environment."""
+def plan(batch: int, steps: int, warmup: int,
+         mae_repo: Optional[str] = None) -> List[Dict[str, Any]]:
+  """The runs in priority order: name, implementation, size, extra flags and environment;
+  with `mae_repo` (a clone of facebookresearch/mae), the official models_mae.py last."""
 
   def ours(name, size, *flags, xla_flags=""):
     return dict(name=name, impl="mae_jax", size=size, xla_flags=xla_flags,
@@ -68,6 +70,10 @@ def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
                 cmd=["-m", "mae_jax.benchmarks.torch_reference", f"--size={size}",
                      f"--batch_size={batch}", f"--steps={steps}", "--warmup=5", *flags])
 
+  official = [] if not mae_repo else [
+      dict(torch(f"official_eager_{size}", size, "--impl=official",
+                 f"--mae_repo={os.path.abspath(mae_repo)}"), impl="official")
+      for size in ("vit_l", "vit_b", "vit_h")]
   return [
       ours("ours_vit_l", "vit_l"),
       torch("torch_eager_vit_l", "vit_l"),
@@ -83,7 +89,9 @@ def plan(batch: int, steps: int, warmup: int) -> List[Dict[str, Any]]:
       ours("ours_vit_l_scan", "vit_l", "--config.model.scan=true"),
       ours("ours_vit_h_scan_remat", "vit_h", "--config.model.scan=true",
            "--config.model.remat=true"),
-  ]
+      # The non-finite guard as a branch (CPU's default) instead of a select.
+      ours("ours_vit_l_guard_cond", "vit_l", "--config.nonfinite_guard=cond"),
+  ] + official
 
 
 def _env(xla_flags: str) -> Dict[str, str]:
@@ -159,7 +167,13 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--only", default="", help="Comma-separated run names (default: all).")
   parser.add_argument("--peak_size", type=int, default=8192, help="n of the n^3 peak matmul.")
+  parser.add_argument("--mae_repo", default="",
+                      help="A clone of https://github.com/facebookresearch/mae: also time the "
+                           "official models_mae.py (needs timm), after everything else.")
   args = parser.parse_args(argv)
+  if args.mae_repo and not os.path.isfile(os.path.join(args.mae_repo, "models_mae.py")):
+    parser.error(f"--mae_repo={args.mae_repo} has no models_mae.py: pass a clone of "
+                 f"https://github.com/facebookresearch/mae")
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   rows = []
@@ -176,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     record(dict(peak, name=f"jax_bf16_matmul_{args.peak_size}"))
     peak_flag = ([f"--peak_tflops={peak['peak_tflops']}"] if peak["status"] == "ok" else [])
     only = set(filter(None, args.only.split(",")))
-    for run in plan(args.batch_size, args.steps, args.warmup):
+    for run in plan(args.batch_size, args.steps, args.warmup, args.mae_repo or None):
       if only and run["name"] not in only:
         continue
       left = args.budget_s - (time.perf_counter() - start)
@@ -187,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         continue
       cmd = run["cmd"] + (peak_flag if run["impl"] == "mae_jax" else [])
       result = {**run_python(cmd, run["xla_flags"], min(args.run_cap_s, left), log), **meta}
-      if run["impl"] == "torch" and result["status"] == "ok" and peak_flag:
+      if run["impl"] != "mae_jax" and result["status"] == "ok" and peak_flag:
         result["mfu"] = result["tflops"] / peak["peak_tflops"]
       record(result)
   with open(os.path.join(args.out, "results.md"), "w") as f:

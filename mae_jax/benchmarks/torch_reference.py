@@ -1,8 +1,10 @@
 """PyTorch reference for `mae_jax.benchmark`: transformers' ViTMAEForPreTraining (a faithful
-stand-in for the official models_mae.py), bf16 autocast on GPU, AdamW (fused on CUDA), the same
-model sizes, batch and timing rules as the JAX benchmark.
+stand-in for the official models_mae.py), or the official models_mae.py itself from a checkout
+(`--impl=official --mae_repo=PATH`, needs timm; see `mae_jax.official`), with bf16 autocast on
+GPU, AdamW (fused on CUDA), the same model sizes, batch and timing rules as the JAX benchmark.
 
     python -m mae_jax.benchmarks.torch_reference --size=vit_l --batch_size=256 --steps=20
+    python -m mae_jax.benchmarks.torch_reference --impl=official --mae_repo=/path/to/mae ...
 
 Last line: one JSON object with img_per_s, tflops, peak_memory_gb, step_s.
 """
@@ -10,20 +12,18 @@ Last line: one JSON object with img_per_s, tflops, peak_memory_gb, step_s.
 import argparse
 import json
 import time
+from typing import List, Optional
 
 from mae_jax import config_lib
-from mae_jax.benchmarks.flops import train_flops_per_image
+from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
 
-def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
-        compile_model: bool, img_size: int = 224) -> dict:
-  """Times `steps` training steps after `warmup` ones; returns the figures."""
-  import torch  # pylint: disable=g-import-not-at-top
+IMPLS = ("transformers", "official")
+
+
+def _transformers_model(m, mask_ratio: float):
+  """transformers' ViTMAEForPreTraining of `config.model` m, and its loss function."""
   import transformers  # pylint: disable=g-import-not-at-top
-
-  m = config_lib.model_config(size, img_size=img_size)
-  cuda = torch.cuda.is_available()
-  device = torch.device("cuda" if cuda else "cpu")
   config = transformers.ViTMAEConfig(
       hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
       intermediate_size=int(m.embed_dim * m.mlp_ratio), image_size=m.img_size,
@@ -31,7 +31,38 @@ def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
       decoder_num_hidden_layers=m.decoder_depth, decoder_num_attention_heads=m.decoder_num_heads,
       decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio), layer_norm_eps=1e-6,
       norm_pix_loss=m.norm_pix_loss, mask_ratio=mask_ratio, attn_implementation="sdpa")
-  model = transformers.ViTMAEForPreTraining(config).to(device).train()
+  model = transformers.ViTMAEForPreTraining(config)
+  return model, lambda images: model(pixel_values=images).loss
+
+
+def _official_model(m, mask_ratio: float, mae_repo: str):
+  """The official MaskedAutoencoderViT of `config.model` m, and its loss function."""
+  from mae_jax import official  # pylint: disable=g-import-not-at-top
+  models_mae, _ = official.import_official(mae_repo)
+  model = official.official_mae(models_mae, m)
+  return model, lambda images: model(images, mask_ratio=mask_ratio)[0]
+
+
+def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
+        compile_model: bool, img_size: int = 224, impl: str = "transformers",
+        mae_repo: Optional[str] = None) -> dict:
+  """Times `steps` training steps after `warmup` ones; returns the figures."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if impl not in IMPLS:
+    raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
+  if impl == "official" and not mae_repo:
+    raise ValueError("impl 'official' needs mae_repo, a clone of "
+                     "https://github.com/facebookresearch/mae")
+  m = config_lib.model_config(size, img_size=img_size)
+  mask_ratio = timed_mask_ratio(mask_ratio, (m.img_size // m.patch_size) ** 2)
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  if impl == "official":
+    model, loss_fn = _official_model(m, mask_ratio, mae_repo)
+  else:
+    model, loss_fn = _transformers_model(m, mask_ratio)
+  model = model.to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                           fused=cuda)
   images = torch.randn(batch_size, m.in_chans, m.img_size, m.img_size, device=device)
@@ -39,7 +70,7 @@ def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
 
   def step():
     with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-      loss = model(pixel_values=images).loss
+      loss = loss_fn(images)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -60,15 +91,16 @@ def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
     torch.cuda.synchronize()
   dt = (time.perf_counter() - t0) / steps
   flops = train_flops_per_image(m, mask_ratio) * batch_size / dt
-  return dict(impl="torch" + ("_compile" if compile_model else ""), size=size,
+  name = "torch" if impl == "transformers" else "official"
+  return dict(impl=name + ("_compile" if compile_model else ""), size=size,
               batch_size=batch_size, mask_ratio=mask_ratio, step_s=dt,
               img_per_s=batch_size / dt, tflops=flops / 1e12,
               peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
               warmup_s=warm_s, device=torch.cuda.get_device_name() if cuda else "cpu",
-              torch=torch.__version__, transformers=transformers.__version__)
+              torch=torch.__version__, model_code=impl)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", default="vit_l", choices=sorted(config_lib.MODEL_SIZES))
   parser.add_argument("--batch_size", type=int, default=256)
@@ -77,9 +109,16 @@ def main() -> None:
   parser.add_argument("--mask_ratio", type=float, default=0.75)
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--compile", action="store_true", help="torch.compile the step")
-  args = parser.parse_args()
+  parser.add_argument("--impl", default="transformers", choices=IMPLS,
+                      help="transformers' ViTMAE, or the official models_mae.py (--mae_repo)")
+  parser.add_argument("--mae_repo", default=None,
+                      help="A clone of https://github.com/facebookresearch/mae (--impl=official)")
+  args = parser.parse_args(argv)
+  if args.impl == "official" and not args.mae_repo:
+    parser.error("--impl=official needs --mae_repo=PATH, a clone of "
+                 "https://github.com/facebookresearch/mae")
   result = run(args.size, args.batch_size, args.steps, args.warmup, args.mask_ratio,
-               args.compile, args.img_size)
+               args.compile, args.img_size, args.impl, args.mae_repo)
   print(json.dumps(result))
 
 
