@@ -36,6 +36,13 @@ EXECUTION_FIELDS = ("dtype", "remat", "attention_impl")
 Params = Dict[str, Any]
 
 
+def absolute(path: str) -> str:
+  """A local path made absolute (Orbax refuses relative ones, and the working directory may
+  change); a URL such as gs://bucket/dir stays as it is."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """WORKDIR/config.json, the config a workdir's params belong to (call on one process)."""
   path = epath.Path(workdir)
@@ -54,7 +61,7 @@ def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: deletes what a save killed half-way left behind.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                          create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS, options=options)
+  return ocp.CheckpointManager(epath.Path(absolute(workdir)) / CHECKPOINTS, options=options)
 
 
 def _items(state, arg: Callable) -> Dict[str, Any]:
@@ -236,9 +243,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
 
 def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict) -> None:
   """Writes WORKDIR/params (Orbax) and WORKDIR/config.json, replacing earlier ones."""
-  path = epath.Path(workdir)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path.absolute() / PARAMS, params, force=True)
+  checkpointer.save(epath.Path(absolute(workdir)) / PARAMS, params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     write_config(workdir, config)
@@ -283,7 +289,7 @@ def _params_in(path: epath.Path) -> Optional[Tuple[epath.Path, Optional[Callable
 def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[], Any]]]]:
   """What `path` offers, best first: a workdir's training checkpoints newest first, then its
   params/; else the step directory or params directory `path` itself."""
-  path = epath.Path(path).absolute()
+  path = epath.Path(absolute(path))
   found = []
   checkpoints = path / CHECKPOINTS
   if checkpoints.is_dir():

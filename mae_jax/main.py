@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mae_jax import checkpoint
 from mae_jax import distributed
 from mae_jax import finetune
 from mae_jax import train
@@ -43,7 +44,8 @@ def main(argv) -> None:
   if config.mode not in _JOBS:
     raise app.UsageError(f"config.mode={config.mode!r} is not one of {sorted(_JOBS)}.")
   distributed.initialize()  # before anything touches a device
-  _JOBS[config.mode](config, _WORKDIR.value)
+  # Absolute, so that Orbax (which refuses relative paths) and every later message agree.
+  _JOBS[config.mode](config, checkpoint.absolute(_WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,22 @@ def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(
   mngr.close()
 
 
+def test_relative_workdirs_save_and_load(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.pretrain_config("vit_b")
+  mngr = checkpoint.manager("runs/a", keep=2)
+  checkpoint.save(mngr, _state(_params(1), 1), config)
+  mngr.wait_until_finished()
+  mngr.close()
+  checkpoint.save_params("runs/b", _params(2), config)
+  monkeypatch.chdir(tmp_path / "runs")
+  for name, seed in (("a", 1), ("b", 2)):
+    params, _ = checkpoint.load_params(name)
+    jax.tree.map(np.testing.assert_array_equal, params, _params(seed))
+  assert checkpoint.absolute("gs://bucket/run") == "gs://bucket/run"
+  assert checkpoint.absolute("x/y") == str(tmp_path / "runs" / "x" / "y")
+
+
 def test_load_params_says_what_it_expected_when_nothing_is_there(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoints/<step>/ or params/"):
     checkpoint.load_params(str(tmp_path))

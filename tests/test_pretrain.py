@@ -3,6 +3,7 @@ SIGTERM, 8 simulated devices with fsdp against 1, checkpoints moving between the
 errors before compiling."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -46,12 +47,17 @@ def _command(workdir, devices=1, extra=(), tiny=True):
           *extra]
 
 
-def _start(env, workdir, devices=1, extra=(), tiny=True) -> subprocess.Popen:
-  """Starts a run; its stderr goes to a file (pipes of runs waited on in turn could fill up)."""
+def _start(env, workdir, devices=1, extra=(), tiny=True, relative=False) -> subprocess.Popen:
+  """Starts a run; its stderr goes to a file (pipes of runs waited on in turn could fill up).
+  `relative`: run in the workdir's parent, passing `--workdir=NAME` as the README does."""
   workdir = pathlib.Path(workdir)
   log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+  command = _command(workdir.name if relative else workdir, devices, extra, tiny)
+  if relative:  # outside the checkout, `-m mae_jax.main` must still import this checkout
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                               env.get("PYTHONPATH")]))}
   with open(log, "w") as f:
-    proc = subprocess.Popen(_command(workdir, devices, extra, tiny), env=env, cwd=REPO,
+    proc = subprocess.Popen(command, env=env, cwd=workdir.parent if relative else REPO,
                             stdout=subprocess.DEVNULL, stderr=f, text=True)
   proc.log = log
   return proc
@@ -81,13 +87,13 @@ def _wait_for(predicate, proc, timeout=300):
 def runs(env, tmp_path_factory):
   """Three uninterrupted runs, side by side: the tiny config on 1 device ("reference") and on 8
   simulated devices with params and optimizer state sharded 4 ways ("fsdp8"), and the demo
-  config itself for 2 steps ("demo")."""
+  config itself for 2 steps ("demo", with a relative --workdir, as in the README)."""
   workdirs = {name: tmp_path_factory.mktemp(name) for name in ("reference", "fsdp8", "demo")}
   _finish(_start(env, workdirs["reference"]),
           _start(env, workdirs["fsdp8"], devices=8, extra=["--config.mesh.fsdp=4"]),
-          _start(env, workdirs["demo"], tiny=False,
+          _start(env, workdirs["demo"], tiny=False, relative=True,
                  extra=["--config.total_steps=2", "--config.warmup_steps=1",
-                        "--config.log_every_steps=1"]))
+                        "--config.log_every_steps=1", "--config.checkpoint_every_steps=1"]))
   return workdirs
 
 
@@ -187,7 +193,7 @@ def test_demo_config_trains_end_to_end(runs):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(demo / "reconstruction_00000002.png") as image:
     assert image.size == (4 * 128 + 5 * 4, 16 + 4 * 128 + 5 * 4)  # 4 photos, 64px shown 2x
-  assert _steps(demo) == [2]
+  assert _steps(demo) == [1, 2]  # an asynchronous save at step 1, the final one at step 2
 
 
 def _config(**fields):
