@@ -43,6 +43,14 @@ SMALL = dict(in_chans=3, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=3
              decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0)
 
 
+def repo_problem(mae_repo: str) -> Optional[str]:
+  """Why `mae_repo` is not a clone of the official code (an error message), or None if it is."""
+  if os.path.isfile(os.path.join(mae_repo, "models_mae.py")):
+    return None
+  return (f"--mae_repo={mae_repo} has no models_mae.py: pass the folder of a clone of "
+          f"https://github.com/facebookresearch/mae")
+
+
 def import_official(mae_repo: str) -> Tuple[Any, Any]:
   """`models_mae` and `models_vit` from a checkout of facebookresearch/mae.
 
@@ -52,10 +60,9 @@ def import_official(mae_repo: str) -> Tuple[Any, Any]:
   timm 0.4 (the official code always passes None, i.e. the default 1/sqrt(head_dim)), is given a
   subclass that accepts and drops it.
   """
-  if not os.path.isfile(os.path.join(mae_repo, "models_mae.py")):
-    raise FileNotFoundError(
-        f"--mae_repo={mae_repo} has no models_mae.py: pass the folder of a clone of "
-        f"https://github.com/facebookresearch/mae")
+  problem = repo_problem(mae_repo)
+  if problem:
+    raise FileNotFoundError(problem)
   try:
     importlib.import_module("torch")
     import timm.models.vision_transformer as timm_vit  # pylint: disable=g-import-not-at-top
@@ -224,9 +231,9 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--mae_repo", required=True,
                       help="A clone of https://github.com/facebookresearch/mae.")
   args = parser.parse_args(argv)
-  if not os.path.isfile(os.path.join(args.mae_repo, "models_mae.py")):
-    parser.error(f"--mae_repo={args.mae_repo} has no models_mae.py: pass the folder of a clone "
-                 f"of https://github.com/facebookresearch/mae")
+  problem = repo_problem(args.mae_repo)
+  if problem:
+    parser.error(problem)
   results = run(args.mae_repo)
   for r in results:
     figures = ", ".join(f"{k} {v:.1e}" for k, v in r.items() if isinstance(v, float))

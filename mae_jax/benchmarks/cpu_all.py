@@ -19,6 +19,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mae_jax import config_lib
+from mae_jax import official
 from mae_jax.benchmarks import gpu_all
 from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
@@ -108,9 +109,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                            "core each keeps a comparison fair on a machine that others load: "
                            "no thread of either side then waits on a descheduled sibling.")
   args = parser.parse_args(argv)
-  if args.mae_repo and not os.path.isfile(os.path.join(args.mae_repo, "models_mae.py")):
-    parser.error(f"--mae_repo={args.mae_repo} has no models_mae.py: pass a clone of "
-                 f"https://github.com/facebookresearch/mae")
+  if args.mae_repo and (problem := official.repo_problem(args.mae_repo)):
+    parser.error(problem)
   os.makedirs(args.out, exist_ok=True)
   only = set(filter(None, args.only.split(",")))
   cpus = {int(c) for c in args.cpus.split(",") if c}

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Set
 
+from mae_jax import official
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHEELS = os.path.join(REPO, "benchmarks", "wheels")
 # XLA GPU flags tried as one variant: overlap of independent work in the schedule, and cuBLAS
@@ -171,9 +173,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                       help="A clone of https://github.com/facebookresearch/mae: also time the "
                            "official models_mae.py (needs timm), after everything else.")
   args = parser.parse_args(argv)
-  if args.mae_repo and not os.path.isfile(os.path.join(args.mae_repo, "models_mae.py")):
-    parser.error(f"--mae_repo={args.mae_repo} has no models_mae.py: pass a clone of "
-                 f"https://github.com/facebookresearch/mae")
+  if args.mae_repo and (problem := official.repo_problem(args.mae_repo)):
+    parser.error(problem)
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
   rows = []
