@@ -51,6 +51,9 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       blr=1.5e-4,               # lr = blr * global_batch / 256
       lr=0.0,                   # > 0 overrides blr scaling
       b1=0.9, b2=0.95, weight_decay=0.05,
+      # "official": no decay on 1-D params and biases, the rest (cls, mask_token) decayed, as
+      # main_pretrain.py; "kernels": the weight matrices only.
+      weight_decay_groups="official",
       grad_accum_steps=1,       # micro-batches per update (for global batches that do not fit)
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1 = all remaining devices

@@ -1,5 +1,9 @@
-"""Optimizers of fine-tuning and linear probing, with the official semantics, in optax.
+"""Weight-decay groups and the optimizers of fine-tuning and linear probing, with the official
+semantics, in optax.
 
+- `weight_decay_mask`: which params AdamW decays. By default the official groups: timm's
+  add_weight_decay (main_pretrain.py) and param_groups_lrd (util/lr_decay.py) both leave out
+  1-D params and biases; fine-tuning also leaves out the tokens (timm's no_weight_decay()).
 - `adamw_layer_decay`: AdamW with layer-wise lr decay (official util/lr_decay.py,
   param_groups_lrd): layer id 0 for `embedding`, `cls`, `pos_embedding`; i + 1 for
   `encoderblock_i`; depth + 1 for everything else; lr scale decay ** (depth + 1 - id). No weight
@@ -27,6 +31,10 @@ Schedule = Union[float, Callable[[jax.Array], jax.Array]]
 
 _TOKENS = ("cls", "pos_embedding")
 _BLOCK = re.compile(r"^encoderblock(?:_(\d+))?$")
+# Scanned blocks (mae_jax.models.layout): their leaves carry the layer as an extra leading axis.
+_SCANNED = ("encoderblock", "decoderblock")
+# config.optimizer.weight_decay_groups: the official groups, or the weight matrices only.
+DECAY_GROUPS = ("official", "kernels")
 
 
 def _map_with_path(fn: Callable, params: Params) -> Any:
@@ -51,8 +59,7 @@ def _ndim(leaf) -> int:
 
 def _layer_ndim(path, leaf) -> int:
   """The ndim of one layer's param: scanned block params carry an extra leading axis."""
-  is_block, index = _block(path)
-  return _ndim(leaf) - (1 if is_block and index is None else 0)
+  return _ndim(leaf) - (1 if any(key in _SCANNED for key in path) else 0)
 
 
 def layer_ids(params: Params, depth: int) -> Any:
@@ -81,10 +88,29 @@ def layer_decay_scales(params: Params, depth: int, layer_decay: float) -> Any:
   return jax.tree.map(leaf_scale, layer_ids(params, depth), params)
 
 
-def weight_decay_mask(params: Params) -> Any:
-  """True where weight decay applies: params with more than one dimension, except tokens."""
-  return _map_with_path(lambda path, leaf: path[0] not in _TOKENS and _layer_ndim(path, leaf) > 1,
-                        params)
+def weight_decay_mask(params: Params, groups: str = "official", no_decay: tuple = ()) -> Any:
+  """A bool per leaf of `params` (arrays or `jax.ShapeDtypeStruct`s): True where AdamW decays.
+
+  groups "official": the official code's groups. Pretraining (main_pretrain.py) uses timm's
+  add_weight_decay: no decay where a param is 1-D or a bias, every other param decayed, the
+  [1, 1, D] `cls` and `mask_token` included (the sin-cos position tables are fixed, not
+  params). Fine-tuning (util/lr_decay.py, param_groups_lrd) is the same rule with the model's
+  no_weight_decay() names skipped too: pass `no_decay=("cls", "pos_embedding")`. Scanned blocks
+  count the dimensions of one layer.
+  groups "kernels": the weight matrices (`kernel`) only: no decay on the tokens either.
+  `no_decay`: top-level names never decayed. Raises ValueError for another `groups`.
+  """
+  if groups not in DECAY_GROUPS:
+    raise ValueError(f"weight-decay groups {groups!r} are not one of {DECAY_GROUPS}")
+
+  def decayed(path, leaf):
+    if path[0] in no_decay:
+      return False
+    if groups == "kernels":
+      return path[-1] == "kernel"
+    return path[-1] != "bias" and _layer_ndim(path, leaf) > 1
+
+  return _map_with_path(decayed, params)
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
@@ -100,7 +126,7 @@ def adamw_layer_decay(learning_rate: Schedule, params: Params, *, depth: int,
   """torch.optim.AdamW over official param_groups_lrd groups."""
   return optax.chain(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=weight_decay_mask(params)),
+                  mask=weight_decay_mask(params, no_decay=_TOKENS)),
       scale_by_tree(layer_decay_scales(params, depth, layer_decay)))
 
 

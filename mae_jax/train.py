@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
 from mae_jax import models
+from mae_jax import optim
 from mae_jax import visualize
 from mae_jax import writers
 from mae_jax.models.functional import num_kept
@@ -103,6 +104,10 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
   for name in ("b1", "b2"):
     check(0.0 <= o[name] < 1.0, f"config.optimizer.{name}={o[name]} must lie in [0, 1).")
   check(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay} must be >= 0.")
+  check(o.get("weight_decay_groups", "official") in optim.DECAY_GROUPS,
+        f"config.optimizer.weight_decay_groups={o.get('weight_decay_groups')!r} is not one of "
+        f"{optim.DECAY_GROUPS} (\"official\": main_pretrain.py's groups; \"kernels\": the "
+        f"weight matrices only).")
 
   batch, accum = config.input.batch_size, o.grad_accum_steps
   check(batch % accum == 0,
@@ -212,19 +217,15 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
   return learning_rate
 
 
-def weight_decay_mask(params: Params) -> Params:
-  """True for the weight matrices (`kernel`): no decay on biases, LayerNorm params, the cls and
-  mask tokens (position embeddings are fixed tables, not params). Holds for scanned layouts."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-
-
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate: Schedule) -> optax.GradientTransformation:
-  """torch.optim.AdamW as the paper uses it (b2 0.95, decoupled decay on matrices only)."""
+  """torch.optim.AdamW as main_pretrain.py builds it: b2 0.95, decoupled decay over the
+  groups of config.optimizer.weight_decay_groups (`optim.weight_decay_mask`; default the
+  official ones)."""
   o = config.optimizer
+  groups = o.get("weight_decay_groups", "official")
   return optax.adamw(learning_rate, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=o.weight_decay,
-                     mask=weight_decay_mask)
+                     mask=functools.partial(optim.weight_decay_mask, groups=groups))
 
 
 # --- state ------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def test_layer_ids_scales_and_decay_mask_follow_param_groups_lrd():
   assert scales["cls"] == 0.125 and scales["Transformer/encoderblock_0/LayerNorm_0/bias"] == 0.25
   assert scales["Transformer/encoderblock_1/LayerNorm_0/bias"] == 0.5
   assert scales["head/bias"] == 1.0
-  decayed = {k for k, v in _path_items(optim.weight_decay_mask(params)).items() if v}
+  # param_groups_lrd: no decay on 1-D params and the model's no_weight_decay() tokens.
+  decayed = {k for k, v in _path_items(optim.weight_decay_mask(
+      params, no_decay=("cls", "pos_embedding"))).items() if v}
   assert decayed == {"embedding/kernel", "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel",
                      "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel", "head/kernel"}
 
@@ -58,7 +60,7 @@ def test_adamw_layer_decay_two_steps_by_hand():
     p = optax.apply_updates(p, updates)
 
   scales = _path_items(optim.layer_decay_scales(params, 2, decay))
-  mask = _path_items(optim.weight_decay_mask(params))
+  mask = _path_items(optim.weight_decay_mask(params, no_decay=("cls", "pos_embedding")))
   expected = {}
   for name, p0 in _path_items(params).items():
     m = v = 0.0

@@ -1,4 +1,4 @@
-"""The pieces of mae_jax.train: schedule, weight-decay mask, config checks, the step itself."""
+"""The pieces of mae_jax.train: schedule, weight-decay groups, config checks, the step itself."""
 
 import math
 import subprocess
@@ -13,6 +13,7 @@ import pytest
 
 from mae_jax import config_lib
 from mae_jax import models
+from mae_jax import optim
 from mae_jax import train
 
 TINY_MODEL = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
@@ -74,24 +75,55 @@ def _tiny_params(**model_overrides):
       {"params": jax.random.key(0), "mask": jax.random.key(1)}, images)["params"])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_weight_decay_only_on_weight_matrices(scan):
-  params = _tiny_params(scan=scan)
-  mask = train.weight_decay_mask(params)
+def _decayed(params, **kwargs):
+  mask = optim.weight_decay_mask(params, **kwargs)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  decayed = sorted(k for k, v in flat.items() if v)
-  assert all(k.endswith("['kernel']") for k in decayed)
-  # Everything with a kernel: patch embedding, qkv/out, MLP, decoder_embed, decoder_pred.
-  assert "['embedding']['kernel']" in decayed and "['decoder_pred']['kernel']" in decayed
-  for name in ("['cls']", "['mask_token']", "['embedding']['bias']",
-               "['Transformer']['encoder_norm']['scale']",
+  return flat, sorted(k for k, v in flat.items() if v)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_official_weight_decay_groups_are_timms_add_weight_decay(scan):
+  """main_pretrain.py's groups: no decay on 1-D params and biases, every other param decayed,
+  the [1, 1, D] cls and mask tokens included; the same with scanned (stacked) blocks."""
+  params = _tiny_params(scan=scan)
+  flat, decayed = _decayed(params)
+  kernels = [k for k in flat if k.endswith("['kernel']")]
+  assert decayed == sorted(kernels + ["['cls']", "['mask_token']"])
+  for name in ("['embedding']['bias']", "['Transformer']['encoder_norm']['scale']",
                "['Decoder']['decoder_norm']['bias']"):
     assert flat[name] is False, name
-  block = "encoderblock" if scan else "encoderblock_0"
-  assert flat[f"['Transformer']['{block}']['LayerNorm_0']['scale']"] is False
-  assert flat[f"['Transformer']['{block}']['MlpBlock_0']['Dense_0']['kernel']"] is True
-  n_kernels = sum(1 for k in flat if k.endswith("['kernel']"))
-  assert len(decayed) == n_kernels
+  for prefix, block in (("Transformer", "encoderblock"), ("Decoder", "decoderblock")):
+    block = block if scan else block + "_0"
+    assert flat[f"['{prefix}']['{block}']['LayerNorm_0']['scale']"] is False
+    assert flat[f"['{prefix}']['{block}']['MlpBlock_0']['Dense_0']['bias']"] is False
+    assert flat[f"['{prefix}']['{block}']['MlpBlock_0']['Dense_0']['kernel']"] is True
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kernels_weight_decay_groups_decay_weight_matrices_only(scan):
+  params = _tiny_params(scan=scan)
+  flat, decayed = _decayed(params, groups="kernels")
+  assert decayed == sorted(k for k in flat if k.endswith("['kernel']"))
+  assert "['embedding']['kernel']" in decayed and "['decoder_pred']['kernel']" in decayed
+  assert flat["['cls']"] is False and flat["['mask_token']"] is False
+
+
+@pytest.mark.parametrize("groups,cls_decayed", [("official", True), ("kernels", False)])
+def test_create_optimizer_decays_the_configured_groups(groups, cls_decayed):
+  c = _config(**{"optimizer.weight_decay": 0.5, "optimizer.weight_decay_groups": groups})
+  tx = train.create_optimizer(c, lambda step: 0.1)
+  params = {"cls": jnp.full((1, 1, 4), 2.0), "dense": {"kernel": jnp.full((4, 4), 2.0),
+                                                       "bias": jnp.full((4,), 2.0)}}
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  # First AdamW step: -lr * (1 + wd * p) where decayed, -lr elsewhere.
+  np.testing.assert_allclose(updates["cls"], -0.1 * (2.0 if cls_decayed else 1.0), rtol=1e-6)
+  np.testing.assert_allclose(updates["dense"]["kernel"], -0.2, rtol=1e-6)
+  np.testing.assert_allclose(updates["dense"]["bias"], -0.1, rtol=1e-6)
+
+
+def test_unknown_weight_decay_groups_are_refused():
+  with pytest.raises(ValueError, match="weight-decay groups 'all'"):
+    optim.weight_decay_mask({"w": jnp.ones((2, 2))}, groups="all")
 
 
 def test_adamw_matches_torch_semantics_b2_and_decoupled_masked_decay():
@@ -125,6 +157,7 @@ def test_adamw_matches_torch_semantics_b2_and_decoupled_masked_decay():
     ({"model.num_heads": 3}, 1, "config.model.num_heads=3"),
     ({"model.dtype": "bf16"}, 1, "config.model.dtype='bf16'"),
     ({"optimizer.b2": 1.0}, 1, "config.optimizer.b2=1.0"),
+    ({"optimizer.weight_decay_groups": "all"}, 1, "config.optimizer.weight_decay_groups='all'"),
 ])
 def test_wrong_config_is_refused_naming_the_field(overrides, devices, field):
   with pytest.raises(ValueError) as e:
