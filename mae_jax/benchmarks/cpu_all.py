@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from mae_jax import config_lib
 from mae_jax import official
-from mae_jax.benchmarks import gpu_all
+from mae_jax.benchmarks import runner
 from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
 RATIOS = (0.75, 0.0)
@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if only and run["name"] not in only:
           continue
         load = os.getloadavg()[0]
-        result = gpu_all.run_python(run["cmd"], "", args.run_cap_s, log, cpus)
+        result = runner.run_python(run["cmd"], "", args.run_cap_s, log, cpus)
         row = {**result, "name": run["name"], "impl": run["impl"],
                "mask_ratio": run["mask_ratio"], "round": round_index,
                "load_avg_1min_before": load, "cpus": sorted(cpus) or "all"}

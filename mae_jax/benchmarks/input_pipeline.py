@@ -31,13 +31,13 @@ import skimage.io
 
 from mae_jax import config_lib
 from mae_jax import input_pipeline
-from mae_jax.datasets import skimage_photos
+from mae_jax import sample_photos
 
 
 def write_jpegs(folder: str, count: int, seed: int = 0, quality: int = 90) -> list[str]:
   """`count` 500x375 (a fifth 375x500) JPEGs: random crops of the shipped colour photos."""
-  photos = [skimage.io.imread(skimage_photos.photo_path(n))[..., :3]
-            for n in skimage_photos.TRAIN_FILES + skimage_photos.TEST_FILES]
+  photos = [skimage.io.imread(sample_photos.photo_path(n))[..., :3]
+            for n in sample_photos.TRAIN_FILES + sample_photos.TEST_FILES]
   rng = np.random.default_rng(seed)
   paths = []
   for i in range(count):

@@ -45,8 +45,11 @@ def _official_model(m, mask_ratio: float, mae_repo: str):
 
 def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
         compile_model: bool, img_size: int = 224, impl: str = "transformers",
-        mae_repo: Optional[str] = None) -> dict:
-  """Times `steps` training steps after `warmup` ones; returns the figures."""
+        mae_repo: Optional[str] = None, model_overrides: Optional[dict] = None) -> dict:
+  """Times `steps` training steps after `warmup` ones; returns the figures.
+
+  `model_overrides`: fields of `config_lib.model_config(size)` to change (a smaller model).
+  """
   import torch  # pylint: disable=g-import-not-at-top
 
   if impl not in IMPLS:
@@ -54,7 +57,7 @@ def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
   if impl == "official" and not mae_repo:
     raise ValueError("impl 'official' needs mae_repo, a clone of "
                      "https://github.com/facebookresearch/mae")
-  m = config_lib.model_config(size, img_size=img_size)
+  m = config_lib.model_config(size, **{"img_size": img_size, **(model_overrides or {})})
   mask_ratio = timed_mask_ratio(mask_ratio, (m.img_size // m.patch_size) ** 2)
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
@@ -109,6 +112,8 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--mask_ratio", type=float, default=0.75)
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+  parser.add_argument("--model_overrides", type=json.loads, default=None,
+                      help='Model fields to change, as JSON: \'{"depth": 2, "img_size": 32}\'')
   parser.add_argument("--impl", default="transformers", choices=IMPLS,
                       help="transformers' ViTMAE, or the official models_mae.py (--mae_repo)")
   parser.add_argument("--mae_repo", default=None,
@@ -118,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.error("--impl=official needs --mae_repo=PATH, a clone of "
                  "https://github.com/facebookresearch/mae")
   result = run(args.size, args.batch_size, args.steps, args.warmup, args.mask_ratio,
-               args.compile, args.img_size, args.impl, args.mae_repo)
+               args.compile, args.img_size, args.impl, args.mae_repo, args.model_overrides)
   print(json.dumps(result))
 
 

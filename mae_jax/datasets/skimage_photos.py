@@ -4,21 +4,11 @@ The files are stored as they ship (PNG or JPEG bytes, no re-encoding), so the pr
 reads them through the same decode-and-crop path as ImageNet's JPEGs.
 """
 
-import os
-
-import skimage.data
 import tensorflow_datasets as tfds
 
-# The colour photographs in scikit-image's wheel (synthetic images, charts and grayscale ones are
-# left out). Two are held out for evaluation: a cat and a rocket, unlike anything in train.
-TRAIN_FILES = ("astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-               "motorcycle_left.png", "motorcycle_right.png", "retina.jpg")
-TEST_FILES = ("chelsea.png", "rocket.jpg")
-
-
-def photo_path(name: str) -> str:
-  """Where scikit-image installed one of its sample files."""
-  return os.path.join(os.path.dirname(skimage.data.__file__), name)
+from mae_jax.sample_photos import photo_path
+from mae_jax.sample_photos import TEST_FILES
+from mae_jax.sample_photos import TRAIN_FILES
 
 
 class SkimagePhotos(tfds.core.GeneratorBasedBuilder):
