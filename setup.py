@@ -13,6 +13,7 @@ setup(
         "flax>=0.12",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
+        "safetensors>=0.4",  # transformers checkpoints, read and written (mae_jax.convert, export)
         "ml-collections>=1.0",
         "einops>=0.8",
         "numpy",

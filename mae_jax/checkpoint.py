@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"
 PARAMS = "params"
+BATCH_STATS = "batch_stats"
 CONFIG_JSON = "config.json"
 # Model fields that say how the model computes, not what it is: a run may change them on resume.
 EXECUTION_FIELDS = ("dtype", "remat", "attention_impl")
@@ -177,7 +178,7 @@ def _check_same_model(path: epath.Path, saved: Optional[Dict[str, Any]],
                             + "; ".join(model) + ". " + advice)
     if other:
       logging.warning("Resuming from %s with these config changes: %s.", path, "; ".join(other))
-  problems = _shape_problems(stored_params, expected_params)
+  problems = shape_problems(stored_params, expected_params)
   if problems:
     raise WrongModelError(f"The params in {path} do not fit this config's model (check "
                           f"config.model): " + "; ".join(problems[:8]) + ". " + advice)
@@ -241,10 +242,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
   return None
 
 
-def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/params (Orbax) and WORKDIR/config.json, replacing earlier ones."""
+def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict, *,
+                batch_stats: Optional[Params] = None) -> None:
+  """Writes WORKDIR/params (Orbax), a linear probe's WORKDIR/batch_stats and
+  WORKDIR/config.json, replacing earlier ones."""
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(epath.Path(absolute(workdir)) / PARAMS, params, force=True)
+  if batch_stats:
+    checkpointer.save(epath.Path(absolute(workdir)) / BATCH_STATS, batch_stats, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     write_config(workdir, config)
@@ -261,16 +266,26 @@ def _on_one_device(metadata_tree) -> Any:
                       metadata_tree)
 
 
-def _shape_problems(found: Any, expected: Any) -> list:
-  """Where two trees of shaped leaves differ in structure or shape."""
-  found_paths = dict(jax.tree_util.tree_flatten_with_path(found)[0])
-  expected_paths = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  name = jax.tree_util.keystr
-  problems = [f"{name(p)} is missing" for p in expected_paths if p not in found_paths]
-  problems += [f"{name(p)} is not in the model" for p in found_paths if p not in expected_paths]
-  problems += [f"{name(p)} has shape {tuple(found_paths[p].shape)}, the model expects "
-               f"{tuple(e.shape)}" for p, e in expected_paths.items()
-               if p in found_paths and tuple(found_paths[p].shape) != tuple(e.shape)]
+def _leaves(tree: Any) -> Dict[str, Any]:
+  """{"a/b/c": leaf} of a nested tree (dicts, FrozenDicts or Orbax metadata)."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shape_problems(found: Any, expected: Any, *, optional: Sequence[str] = ()) -> List[str]:
+  """One line per place where two trees of shaped leaves (arrays, ShapeDtypeStructs, Orbax
+  metadata) differ: "a/b/c is missing", "... is not in the model", "... has shape (..), the model
+  expects (..)". `optional`: top-level names that may be absent all together (an encoder-only
+  checkpoint's decoder, convert.DECODER_PARAMS); one of them absent alone is still missing."""
+  found, expected = _leaves(found), _leaves(expected)
+  top = lambda path: path.split("/", 1)[0]
+  if optional and not any(top(p) in optional for p in found):
+    expected = {p: e for p, e in expected.items() if top(p) not in optional}
+  problems = [f"{p} is missing" for p in expected if p not in found]
+  problems += [f"{p} is not in the model" for p in found if p not in expected]
+  problems += [f"{p} has shape {tuple(found[p].shape)}, the model expects {tuple(e.shape)}"
+               for p, e in expected.items() if p in found and tuple(found[p].shape) !=
+               tuple(e.shape)]
   return problems
 
 
@@ -304,15 +319,37 @@ def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[]
   return found
 
 
-def load_params(path: str, *, target: Any = None
-                ) -> Tuple[Params, Optional[ml_collections.ConfigDict]]:
-  """(params, config or None) from a workdir's newest training checkpoint or its params/.
+def _is_npz(path: str) -> bool:
+  """Whether `path` is a file in numpy's npz (zip) format, whatever its name ends with."""
+  path = epath.Path(path)
+  if not path.is_file():
+    return False
+  with path.open("rb") as f:
+    return f.read(4) == b"PK\x03\x04"
+
+
+def load_variables(path: str, *, target: Any = None
+                   ) -> Tuple[Params, Params, Optional[ml_collections.ConfigDict]]:
+  """(params, batch_stats, config or None) from a workdir's newest training checkpoint or its
+  params/, a step or params directory, or an encoder exported by `mae_jax.export` (an npz,
+  whatever its file name; no config). `batch_stats` ({} if none): a linear probe's BatchNorm
+  statistics, stored beside those params.
 
   A workdir's newest checkpoint that fails to read (a crash damaged it) is skipped with a
   warning for the one before it; nothing is moved (that is restore_latest's job). `target`:
-  ShapeDtypeStructs (with shardings) to restore into; checked against the stored shapes, a
-  ValueError naming the params that differ. Without it the params land on one local device.
+  ShapeDtypeStructs (with shardings) to restore the params into; checked against the stored
+  shapes first, a WrongModelError naming the params that differ. Without it the arrays land on
+  one local device.
   """
+  if _is_npz(path):
+    from mae_jax import export  # pylint: disable=g-import-not-at-top
+    params = export.from_big_vision(export.load_encoder_params(path))
+    if target is not None:
+      problems = shape_problems(params, target)
+      if problems:
+        raise WrongModelError(f"The params in {path} do not fit the config's model (check "
+                              f"config.model): " + "; ".join(problems[:8]))
+    return params, {}, None
   failures = []
   for params_dir, read_config in _params_candidates(path):
     checkpointer = ocp.StandardCheckpointer()
@@ -322,11 +359,16 @@ def load_params(path: str, *, target: Any = None
         want = _on_one_device(stored)
       else:
         want = target
-        problems = _shape_problems(stored, target)
+        problems = shape_problems(stored, target)
         if problems:
           raise WrongModelError(f"The params in {params_dir} do not fit the config's model "
                                 f"(check config.model): " + "; ".join(problems[:8]))
       params = checkpointer.restore(params_dir, want)
+      stats_dir = params_dir.parent / BATCH_STATS
+      batch_stats = {}
+      if (stats_dir / "_METADATA").exists():
+        batch_stats = checkpointer.restore(stats_dir, _on_one_device(
+            checkpointer.metadata(stats_dir).item_metadata.tree))
       config = read_config() if read_config else None
     except WrongModelError:
       raise
@@ -339,6 +381,13 @@ def load_params(path: str, *, target: Any = None
     if failures:
       logging.warning("Loaded the params of %s instead (%d newer one(s) damaged).", params_dir,
                       len(failures))
-    return params, config
+    return params, batch_stats, config
   raise RuntimeError(f"None of the params under {path} reads: " + "; ".join(
       f"{d}: {_summary(e)}" for d, e in failures))
+
+
+def load_params(path: str, *, target: Any = None
+                ) -> Tuple[Params, Optional[ml_collections.ConfigDict]]:
+  """(params, config or None) from any source `load_variables` reads (see there)."""
+  params, _, config = load_variables(path, target=target)
+  return params, config

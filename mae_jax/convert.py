@@ -1,15 +1,30 @@
-"""Official PyTorch MAE checkpoints <-> mae_jax params.
+"""Released MAE checkpoints <-> mae_jax params: the official PyTorch ones and transformers'
+ViTMAE.
 
     python -m mae_jax.convert --torch_checkpoint=mae_pretrain_vit_large_full.pth \
         --config=configs/vit_l.py --workdir=DIR
+    python -m mae_jax.convert --torch_checkpoint=vit-mae-base/ --workdir=DIR
 
-writes DIR/params (an Orbax checkpoint) and DIR/config.json, which `mae_jax.main`,
-`mae_jax.visualize`, `mae_jax.export` and `config.init_from` start from. torch is needed only to
-read `.pth` files (`pip install -e .[torch]`); `.npz` state dicts convert without it.
+`--torch_checkpoint`: an official `.pth` (pretrained, fine-tuned or linear-probed), a
+transformers ViTMAE checkpoint (a `save_pretrained` directory, `model.safetensors` or
+`pytorch_model.bin`: `ViTMAEForPreTraining`, or `ViTMAEModel` as an encoder-only checkpoint,
+with the `config.json` beside it when there is one), or an `.npz` of official keys.
+
+The checkpoint's own facts win over a config's guess: the model fields its arrays fix (patch
+size, channels, widths, depths, MLP ratio, the patch grid from the length of its position
+table, a classifier's classes and pooling) and those its transformers `config.json` records
+(head counts) are read from the file. A `--config` field that disagrees is an error naming both
+values; without `--config`, the model is the checkpoint's. Everything is checked before
+DIR/params (Orbax), DIR/batch_stats (a linear probe's BatchNorm statistics) and DIR/config.json
+are written; `mae_jax.main`, `mae_jax.visualize`, `mae_jax.export` and `config.init_from` start
+from them. torch is needed only for `.pth` and `.bin` files (`pip install -e .[torch]`).
 """
 
+import json
+import math
+import os
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,7 +41,8 @@ _BLOCK_MAP = [
     ("mlp.fc1", ("MlpBlock_0", "Dense_0"), "linear"),
     ("mlp.fc2", ("MlpBlock_0", "Dense_1"), "linear"),
 ]
-# (official prefix, params path, kind) outside the blocks
+# (official prefix, params path, kind) outside the blocks; `head.1` is a linear probe's Linear
+# after its BatchNorm `head.0` (official main_linprobe.py).
 _TOP_MAP = [
     ("norm", ("Transformer", "encoder_norm"), "norm"),
     ("decoder_embed", ("decoder_embed",), "linear"),
@@ -34,17 +50,117 @@ _TOP_MAP = [
     ("decoder_pred", ("decoder_pred",), "linear"),
     ("fc_norm", ("fc_norm",), "norm"),
     ("head", ("head",), "linear"),
+    ("head.1", ("head",), "linear"),
 ]
 # Fixed tables and training-only buffers that carry no trainable params.
-_IGNORED = {"pos_embed", "decoder_pos_embed"}
+_IGNORED = {"pos_embed", "decoder_pos_embed", "head.0.num_batches_tracked"}
 _STACKS = {"blocks": ("Transformer", "encoderblock"),
            "decoder_blocks": ("Decoder", "decoderblock")}
+# The top-level params of the MAE decoder: an encoder-only checkpoint has none of them.
+DECODER_PARAMS = ("decoder_embed", "mask_token", "Decoder", "decoder_pred")
+# A linear probe's BatchNorm statistics (torch buffer -> flax batch_stats name).
+_PROBE_STATS = {"head.0.running_mean": "mean", "head.0.running_var": "var"}
+
+# transformers ViTMAE keys -> official models_mae.py keys, for both of transformers' layouts:
+# 4.x (and the facebook/vit-mae-* files) `encoder.layer.N.attention.attention.query`,
+# `attention.output.dense`, `intermediate.dense`, `output.dense`; 5.x `layers.N.attention.q_proj`,
+# `attention.o_proj`, `mlp.fc1`, `mlp.fc2`; 5.x's save_pretrained writes the 4.x names, its
+# decoder layers as `decoder.decoder_encoder.layer.N`. ViTMAEModel's keys lack the `vit.` prefix.
+_HF_TO_OFFICIAL = [
+    (r"^vit\.", ""),
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^(?:encoder\.layer|layers)\.", "blocks."),
+    (r"^layernorm\.", "norm."),
+    (r"^decoder\.decoder_(?:layers|encoder\.layer)\.", "decoder_blocks."),
+    (r"^decoder\.", ""),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.(?:intermediate\.dense|mlp\.fc1)\.", ".mlp.fc1."),
+    (r"\.(?:output\.dense|mlp\.fc2)\.", ".mlp.fc2."),
+]
+_HF_QKV = re.compile(r"^(.*)\.attention\.(?:attention\.(query|key|value)|([qkv])_proj)\."
+                     r"(weight|bias)$")
+_HF_MARK = "embeddings.patch_embeddings.projection.weight"
 
 
 def _to_numpy(x) -> np.ndarray:
   if hasattr(x, "detach"):  # a torch tensor
     x = x.detach().cpu().float().numpy()
   return np.asarray(x, dtype=np.float32)
+
+
+def is_transformers(state_dict: Mapping[str, Any]) -> bool:
+  """Whether a state dict has transformers' ViTMAE key names (else the official ones)."""
+  return any(k.endswith(_HF_MARK) for k in state_dict)
+
+
+def official_from_transformers(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """transformers ViTMAE keys (4.x or 5.x layout, ViTMAEForPreTraining or ViTMAEModel) -> the
+  official keys, separate q/k/v projections joined into `attn.qkv` ([3D, D], q, k, v)."""
+  sd, qkv = {}, {}
+  for key, value in state_dict.items():
+    for pattern, repl in _HF_TO_OFFICIAL:
+      key = re.sub(pattern, repl, key)
+    m = _HF_QKV.match(key)
+    if m:
+      part = (m.group(2) or m.group(3))[0]  # "q", "k" or "v"
+      qkv.setdefault((m.group(1), m.group(4)), {})[part] = _to_numpy(value)
+    else:
+      sd[key] = _to_numpy(value)
+  for (prefix, kind), parts in qkv.items():
+    missing = sorted({"q", "k", "v"} - set(parts))
+    if missing:
+      raise ValueError(f"{prefix}: the attention's {missing} {kind} is missing")
+    sd[f"{prefix}.attn.qkv.{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
+  return sd
+
+
+def transformers_from_official(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Official keys -> transformers ViTMAE keys in the layout of the facebook/vit-mae-* files
+  (transformers 4.x; 5.x renames them on load). With a decoder: ViTMAEForPreTraining's keys;
+  without: ViTMAEModel's (no `vit.` prefix)."""
+  full = "decoder_embed.weight" in state_dict
+  out = {}
+  for key, value in state_dict.items():
+    m = re.match(r"^(decoder_)?blocks\.(\d+)\.(.*)$", key)
+    if m:
+      base = (f"decoder.decoder_layers.{m.group(2)}" if m.group(1) else
+              f"{'vit.' if full else ''}encoder.layer.{m.group(2)}")
+      rest = m.group(3)
+      if rest.startswith("attn.qkv."):
+        kind = rest.rsplit(".", 1)[1]
+        for part, chunk in zip(("query", "key", "value"), np.split(np.asarray(value), 3)):
+          out[f"{base}.attention.attention.{part}.{kind}"] = chunk
+        continue
+      for old, new in (("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
+                       ("attn.proj.", "attention.output.dense."),
+                       ("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense.")):
+        if rest.startswith(old):
+          rest = new + rest[len(old):]
+      out[f"{base}.{rest}"] = value
+      continue
+    new = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}.get(key)
+    if new is not None:
+      out[("vit." if full else "") + new] = value
+    elif key.startswith(("decoder_", "mask_token")):
+      out[f"decoder.{key}"] = value
+    else:
+      raise ValueError(f"{key}: transformers' ViTMAE has no counterpart (a classifier's head or "
+                       f"fc_norm); export the encoder of a pretraining workdir instead")
+  return out
+
+
+def _official(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """Any supported state dict with official key names (no `module.` prefix), as float32 numpy."""
+  if is_transformers(state_dict):
+    return official_from_transformers(state_dict)
+  return {re.sub(r"^module\.", "", k): _to_numpy(v) for k, v in state_dict.items()}
 
 
 def _set(tree: Params, path, value) -> None:
@@ -68,18 +184,30 @@ def _put(tree: Params, sd: Mapping[str, np.ndarray], prefix: str, path, kind: st
   _set(tree, path + ("bias",), b)
 
 
+def _depth(sd: Mapping[str, Any], stack: str) -> int:
+  return 1 + max([int(m.group(1)) for k in sd if (m := re.match(rf"^{stack}\.(\d+)\.", k))],
+                 default=-1)
+
+
+def _is_classifier(sd: Mapping[str, Any]) -> bool:
+  return "head.weight" in sd or "head.1.weight" in sd
+
+
 def params_from_torch(state_dict: Mapping[str, Any], scan: bool = False) -> Params:
-  """Official key names -> params tree (unrolled, or scanned with `scan=True`).
+  """Official (or transformers ViTMAE) key names -> params tree (unrolled, or scanned with
+  `scan=True`).
 
   Accepts numpy arrays or torch tensors, with or without a `module.` prefix. An encoder-only
-  dict (the released `mae_pretrain_vit_*.pth`) gives encoder params only; a fine-tuned one also
-  gives `fc_norm` and `head`. Unknown keys are an error, not silently dropped.
+  dict (the released `mae_pretrain_vit_*.pth`, a ViTMAEModel) gives encoder params only; a
+  fine-tuned one also gives `fc_norm`, `head` and its learned `pos_embedding`; a linear-probed
+  one (`head.0` BatchNorm, `head.1` Linear) `head` (its statistics: `batch_stats_from_torch`).
+  Unknown keys are a ValueError, not silently dropped.
   """
-  sd = {re.sub(r"^module\.", "", k): _to_numpy(v) for k, v in state_dict.items()}
+  sd = _official(state_dict)
   if "patch_embed.proj.weight" not in sd:
     raise ValueError("not an official MAE/ViT state dict: 'patch_embed.proj.weight' is missing "
                      f"(keys start with {sorted(sd)[:5]}); pass torch.load(path)['model']")
-  used = set(_IGNORED & set(sd))
+  used = set((_IGNORED | set(_PROBE_STATS)) & set(sd))
   params: Params = {}
   w = sd["patch_embed.proj.weight"]  # [D, C, p, p]
   _set(params, ("embedding", "kernel"), w.transpose(2, 3, 1, 0))
@@ -89,15 +217,13 @@ def params_from_torch(state_dict: Mapping[str, Any], scan: bool = False) -> Para
   if "mask_token" in sd:
     _set(params, ("mask_token",), sd["mask_token"])
     used.add("mask_token")
-  if "head.weight" in sd and "pos_embed" in sd:
+  if _is_classifier(sd) and "pos_embed" in sd:
     # A fine-tuned classifier trained its position table: keep it (the classifier's param).
     _set(params, ("pos_embedding",), sd["pos_embed"])
   for prefix, path, kind in _TOP_MAP:
     _put(params, sd, prefix, path, kind, used)
   for stack, (outer, block) in _STACKS.items():
-    depth = 1 + max([int(m.group(1)) for k in sd
-                     if (m := re.match(rf"^{stack}\.(\d+)\.", k))], default=-1)
-    for i in range(depth):
+    for i in range(_depth(sd, stack)):
       base = (outer, f"{block}_{i}")
       pre = f"{stack}.{i}"
       qkv_w, qkv_b = sd[f"{pre}.attn.qkv.weight"], sd[f"{pre}.attn.qkv.bias"]
@@ -116,6 +242,16 @@ def params_from_torch(state_dict: Mapping[str, Any], scan: bool = False) -> Para
   return unrolled_to_scan(params) if scan else params
 
 
+def batch_stats_from_torch(state_dict: Mapping[str, Any]) -> Params:
+  """A linear probe's BatchNorm statistics (`head.0.running_mean/var`) as the classifier's
+  `batch_stats` ({"head_norm": {"mean", "var"}} [D] float32); {} for any other state dict.
+  torch keeps the unbiased running variance, flax the biased one (a factor 1 + 1/(batch - 1))."""
+  sd = _official(state_dict)
+  if not all(k in sd for k in _PROBE_STATS):
+    return {}
+  return {"head_norm": {name: np.ascontiguousarray(sd[k]) for k, name in _PROBE_STATS.items()}}
+
+
 def _copy_arrays(tree):
   if isinstance(tree, dict):
     return {k: _copy_arrays(v) for k, v in tree.items()}
@@ -123,11 +259,13 @@ def _copy_arrays(tree):
 
 
 def params_to_torch(params: Params, img_size: Optional[int] = None,
-                    patch_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+                    patch_size: Optional[int] = None,
+                    batch_stats: Optional[Params] = None) -> Dict[str, np.ndarray]:
   """params tree (unrolled or scanned) -> official key names, as numpy arrays.
 
   With `img_size` the fixed `pos_embed` (and `decoder_pos_embed`) tables are added, so that the
-  official model loads the dict with `strict=True`.
+  official model loads the dict with `strict=True`. With a linear probe's `batch_stats`, the
+  head is written as the official `head.0` (BatchNorm statistics) and `head.1` (Linear).
   """
   params = jax_free_tree(params)
   if is_scanned(params):
@@ -155,6 +293,7 @@ def params_to_torch(params: Params, img_size: Optional[int] = None,
         path + ("kernel",)).T
     sd[f"{prefix}.bias"] = get(path + ("bias",))
 
+  probe = (batch_stats or {}).get("head_norm")
   kernel = get(("embedding", "kernel"))  # [p, p, C, D]
   sd["cls_token"] = get(("cls",))
   sd["patch_embed.proj.weight"] = kernel.transpose(3, 2, 0, 1)
@@ -164,7 +303,12 @@ def params_to_torch(params: Params, img_size: Optional[int] = None,
   if has(("pos_embedding",)):  # a classifier's learned table
     sd["pos_embed"] = get(("pos_embedding",))
   for prefix, path, kind in _TOP_MAP:
-    put(prefix, path, kind)
+    if prefix != ("head" if probe is not None else "head.1"):
+      put(prefix, path, kind)
+  if probe is not None:
+    for key, name in _PROBE_STATS.items():
+      sd[key] = np.asarray(probe[name], np.float32)
+    sd["head.0.num_batches_tracked"] = np.zeros((), np.int64)
   for stack, (outer, block) in _STACKS.items():
     i = 0
     while has((outer, f"{block}_{i}")):
@@ -194,65 +338,322 @@ def jax_free_tree(tree):
   return np.asarray(tree)
 
 
-def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """Reads an official `.pth` (its "model" entry) or an `.npz` of official keys."""
-  if path.endswith(".npz"):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+# --- the facts a checkpoint carries ---------------------------------------------------------------
+
+def checkpoint_grid(num_patches: int, img_size=None, patch_size: Optional[int] = None
+                    ) -> Tuple[int, int]:
+  """The (rows, cols) patch grid of a position table with `num_patches` patch rows (its cls row
+  left out): the grid of `img_size` / `patch_size` when that has as many patches, else the
+  square one. ValueError when neither fits. The one place where a table's length becomes a grid.
+  """
+  if img_size is not None and patch_size:
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if (h // patch_size) * (w // patch_size) == num_patches:
+      return h // patch_size, w // patch_size
+  side = math.isqrt(num_patches)
+  if side * side != num_patches:
+    raise ValueError(f"a position table of {num_patches} patches is not a square grid; set "
+                     f"config.model.img_size to the checkpoint's image size")
+  return side, side
+
+
+class Fact:
+  """A model field's value as a checkpoint fixes it, and where in the file it comes from."""
+
+  def __init__(self, value: Any, source: str):
+    self.value, self.source = value, source
+
+  def __repr__(self) -> str:
+    return f"{self.value!r} ({self.source})"
+
+
+def _shape(sd, key) -> str:
+  return f"{key} {list(np.shape(sd[key]))}"
+
+
+def checkpoint_facts(state_dict: Mapping[str, Any],
+                     hf_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Fact]:
+  """The model config fields (`config.model` names) that a state dict's arrays fix, and the head
+  counts and image size of a transformers `config.json`; `img_size` is the grid's size in pixels.
+  ValueError for what mae_jax's models cannot represent (non-square patches, another activation,
+  attention without biases, a position table that is not MAE's fixed one)."""
+  sd = _official(state_dict)
+  facts: Dict[str, Fact] = {}
+  d, c, ph, pw = np.shape(sd["patch_embed.proj.weight"])
+  src = _shape(sd, "patch_embed.proj.weight")
+  if ph != pw:
+    raise ValueError(f"{src}: non-square patches ({ph}x{pw}) are not supported")
+  facts.update(patch_size=Fact(ph, src), in_chans=Fact(c, src), embed_dim=Fact(d, src))
+  depth = _depth(sd, "blocks")
+  facts["depth"] = Fact(depth, f"blocks.0-{depth - 1}")
+  if depth:
+    facts["mlp_ratio"] = Fact(np.shape(sd["blocks.0.mlp.fc1.weight"])[0] / d,
+                              _shape(sd, "blocks.0.mlp.fc1.weight"))
+  if "decoder_embed.weight" in sd:
+    facts["decoder_embed_dim"] = Fact(np.shape(sd["decoder_embed.weight"])[0],
+                                      _shape(sd, "decoder_embed.weight"))
+    n = _depth(sd, "decoder_blocks")
+    facts["decoder_depth"] = Fact(n, f"decoder_blocks.0-{n - 1}")
+  if _is_classifier(sd):
+    head = "head.1.weight" if "head.1.weight" in sd else "head.weight"
+    facts["num_classes"] = Fact(np.shape(sd[head])[0], _shape(sd, head))
+    facts["global_pool"] = Fact("fc_norm.weight" in sd, "fc_norm " + (
+        "present" if "fc_norm.weight" in sd else "absent"))
+    facts["head_batchnorm"] = Fact("head.0.running_mean" in sd, "head.0 BatchNorm " + (
+        "present" if "head.0.running_mean" in sd else "absent"))
+  hf = dict(hf_config or {})
+  if hf:
+    for ours, theirs in (("num_heads", "num_attention_heads"),
+                         ("decoder_num_heads", "decoder_num_attention_heads")):
+      if theirs in hf and (ours == "num_heads" or "decoder_embed_dim" in facts):
+        facts[ours] = Fact(int(hf[theirs]), f"config.json {theirs}")
+    if hf.get("hidden_act", "gelu") != "gelu" or not hf.get("qkv_bias", True):
+      raise ValueError(f"config.json: hidden_act={hf.get('hidden_act')!r}, "
+                       f"qkv_bias={hf.get('qkv_bias')!r}; MAE (and mae_jax) use exact GELU "
+                       f"and attention biases")
+  if "pos_embed" in sd:
+    length = np.shape(sd["pos_embed"])[1] - 1
+    grid = checkpoint_grid(length, hf.get("image_size"), ph)
+    source = f"{_shape(sd, 'pos_embed')}: a {grid[0]}x{grid[1]} patch grid"
+    facts["img_size"] = Fact(grid[0] * ph if grid[0] == grid[1] else
+                             (grid[0] * ph, grid[1] * ph), source)
+    if not _is_classifier(sd):
+      _check_fixed_table(sd, "pos_embed", grid)
+      if "decoder_pos_embed" in sd:
+        _check_fixed_table(sd, "decoder_pos_embed", grid)
+  return facts
+
+
+def _check_fixed_table(sd, key: str, grid: Tuple[int, int]) -> None:
+  """MaskedAutoencoder recomputes its position tables: refuse a file whose table is another."""
+  table = np.asarray(sd[key])[0]
+  expected = F.sincos_pos_embed_2d(table.shape[-1], grid)
+  if table.shape != expected.shape or not np.allclose(table, expected, atol=1e-4):
+    raise ValueError(f"{_shape(sd, key)} is not MAE's fixed 2D sin-cos table of a "
+                     f"{grid[0]}x{grid[1]} grid, which MaskedAutoencoder recomputes; a learned "
+                     f"table would be lost")
+
+
+def fit_config(model_config, facts: Mapping[str, Fact]) -> List[str]:
+  """Fills the fields of `model_config` (a ConfigDict) that are None with the checkpoint's facts,
+  and returns one line per field that disagrees, naming both values."""
+  problems = []
+  for field, fact in facts.items():
+    if field not in model_config:
+      continue
+    ours = model_config[field]
+    if ours is None:
+      setattr(model_config, field, fact.value)
+      continue
+    if field == "img_size":
+      same = _grid_of(ours, facts["patch_size"].value) == _grid_of(
+          fact.value, facts["patch_size"].value)
+    elif isinstance(fact.value, float):
+      same = math.isclose(float(ours), fact.value, rel_tol=1e-6)
+    else:
+      same = ours == fact.value
+    if not same:
+      problems.append(f"config.model.{field}={ours!r}, but the checkpoint's is {fact!r}")
+  return problems
+
+
+def _grid_of(img_size, patch_size: int) -> Tuple[int, int]:
+  h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+  return h // patch_size, w // patch_size
+
+
+def default_config(facts: Mapping[str, Fact], hf_config: Optional[Mapping[str, Any]] = None):
+  """The config of a checkpoint converted without --config: the recipe of the paper's ViT size
+  with the checkpoint's width (ViT-B's otherwise), the checkpoint's model fields, and head counts
+  from its config.json or the paper's size of that width and depth. A classifier gets the
+  fine-tuning (or, with a BatchNorm head, linear probing) recipe. ValueError when a field the
+  file does not fix cannot be inferred."""
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  sizes = [s for s, f in config_lib.MODEL_SIZES.items()
+           if f["embed_dim"] == facts["embed_dim"].value]
+  size = sizes[0] if sizes else "vit_b"
+  if "num_classes" in facts:
+    probe = facts["head_batchnorm"].value
+    config = (config_lib.linprobe_config if probe else config_lib.finetune_config)(size)
+  else:
+    config = config_lib.pretrain_config(size)
+  known = config_lib.MODEL_SIZES[size]
+  paper = (known["embed_dim"], known["depth"]) == (facts["embed_dim"].value,
+                                                   facts["depth"].value)
+  guessed = dict(facts)
+  if "num_heads" not in guessed:
+    if not paper:
+      raise ValueError("the checkpoint does not record its attention heads (width "
+                       f"{facts['embed_dim'].value}, depth {facts['depth'].value} is none of "
+                       "the paper's sizes): pass --config with config.model.num_heads")
+    guessed["num_heads"] = Fact(known["num_heads"], f"the paper's {size}")
+  if "decoder_embed_dim" in facts and "decoder_num_heads" not in guessed:
+    if (facts["decoder_embed_dim"].value, facts["decoder_depth"].value) != (512, 8):
+      raise ValueError("the checkpoint does not record its decoder's attention heads: pass "
+                       "--config with config.model.decoder_num_heads")
+    guessed["decoder_num_heads"] = Fact(16, "the paper's decoder")
+  for field, fact in guessed.items():
+    if field in config.model:
+      setattr(config.model, field, fact.value)
+  for field in ("norm_pix_loss", "mask_ratio"):  # training choices a config.json may record
+    if hf_config and field in hf_config and field in config.model:
+      setattr(config.model, field, type(config.model[field])(hf_config[field]))
+  return config
+
+
+# --- reading files ---------------------------------------------------------------------------------
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  out = {}
+  with safe_open(path, framework="flax") as f:  # numpy has no bfloat16; jax reads every dtype
+    for key in f.keys():
+      out[key] = np.asarray(f.get_tensor(key), np.float32)
+  return out
+
+
+def _read_torch(path: str) -> Dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("reading .pth files needs torch: pip install -e '.[torch]' "
-                      "(or convert the state dict to .npz elsewhere)") from e
+    raise ImportError(f"reading {path} needs torch: pip install -e '.[torch]' (or save the "
+                      "state dict as .npz or .safetensors elsewhere)") from e
   ckpt = torch.load(path, map_location="cpu", weights_only=False)
   sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
   return {k: v.detach().cpu().float().numpy() for k, v in sd.items()}
 
 
-def main(argv) -> None:
-  """`python -m mae_jax.convert`: an official checkpoint -> a workdir that mae_jax starts from."""
-  del argv
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+def _weights_file(directory: str) -> str:
+  for name in _HF_WEIGHTS:
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise FileNotFoundError(f"{directory} holds none of {', '.join(_HF_WEIGHTS)}: point "
+                          "--torch_checkpoint at a save_pretrained directory or a weights file")
+
+
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """The state dict of a checkpoint file or directory, its own key names, float32 numpy: an
+  official `.pth` (its "model" entry), an `.npz`, a `.safetensors`, a `pytorch_model.bin`, a
+  sharded one's `*.index.json`, or a save_pretrained directory."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = _weights_file(path)
+  if path.endswith(".index.json"):
+    with open(path) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for shard in shards:
+      out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard)))
+    return out
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  if path.endswith(".safetensors"):
+    return _read_safetensors(path)
+  return _read_torch(path)
+
+
+def load_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+  """(state dict with official keys, the transformers config.json beside it or None)."""
+  sd = load_torch_state_dict(path)
+  directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  hf_config = None
+  if is_transformers(sd) and os.path.exists(os.path.join(directory, "config.json")):
+    with open(os.path.join(directory, "config.json")) as f:
+      hf_config = json.load(f)
+    if hf_config.get("model_type", "vit_mae") != "vit_mae":
+      raise ValueError(f"{directory}/config.json is of model_type "
+                       f"{hf_config['model_type']!r}, not vit_mae")
+    eps = hf_config.get("layer_norm_eps", 1e-6)
+    if eps != 1e-6:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("%s/config.json says layer_norm_eps=%g; mae_jax uses the official 1e-6, "
+                      "so outputs differ slightly from transformers' with this config.",
+                      directory, eps)
+  return _official(sd), hf_config
+
+
+def _model_shapes(config) -> Params:
+  import jax  # pylint: disable=g-import-not-at-top
   from mae_jax.models import classifier as vit  # pylint: disable=g-import-not-at-top
   from mae_jax.models.mae import from_config  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
-  config = _CONFIG.value
-  state_dict = load_torch_state_dict(_TORCH_CHECKPOINT.value)
-  params = params_from_torch(state_dict, scan=bool(config.model.scan))
-  # A fine-tuning config (configs/finetune_*.py) takes a fine-tuned classifier checkpoint.
   classifier = config.get("mode", "pretrain") != "pretrain"
   model = vit.classifier_from_config(config.model) if classifier else from_config(config.model)
-  # Check every converted array against the shapes the config's model expects.
-  expected = jax.eval_shape(lambda: model.init(
+  size = model.img_size if isinstance(model.img_size, (tuple, list)) else (model.img_size,) * 2
+  return jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(0)},
-      jax.numpy.zeros((1, model.img_size, model.img_size, model.in_chans)))["params"])
-  problems = _shape_problems(params, expected)
+      jax.numpy.zeros((1, *size, model.in_chans))))
+
+
+def checked_conversion(state_dict: Mapping[str, Any], config=None,
+                       hf_config: Optional[Mapping[str, Any]] = None):
+  """(params, batch_stats, config) of a state dict, everything checked: the checkpoint's facts
+  against `config` (None: the checkpoint's own config, see `default_config`), then every array
+  against the shapes of the config's model. ValueError listing each disagreement."""
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  sd = _official(state_dict)
+  facts = checkpoint_facts(sd, hf_config)
+  if config is None:
+    config = default_config(facts, hf_config)
+  else:
+    config = config.copy_and_resolve_references()
+  classifier = config.get("mode", "pretrain") != "pretrain"
+  if "num_classes" in facts and not classifier:
+    raise ValueError(f"the checkpoint is a classifier (head {facts['num_classes']!r}): convert "
+                     f"it with a fine-tuning or linear probing config (configs/finetune_*.py, "
+                     f"configs/linprobe_*.py), or without --config")
+  if "num_classes" not in facts and classifier:
+    raise ValueError("the checkpoint is a pretrained MAE (no head): convert it with a "
+                     "pretraining config (configs/vit_*.py) or without --config, then start "
+                     f"{config.mode} from that workdir with --config.init_from")
+  problems = fit_config(config.model, facts)
   if problems:
-    raise ValueError(f"{_TORCH_CHECKPOINT.value} does not fit --config's model "
-                     f"(check model size, patch_size and img_size): " + "; ".join(problems[:8]))
-  checkpoint.save_params(_WORKDIR.value, params, config)
-  kind = ("classifier" if classifier else
+    raise ValueError("the checkpoint's facts disagree with --config (the file wins: set these "
+                     "fields to the checkpoint's values, or leave out --config): "
+                     + "; ".join(problems))
+  params = params_from_torch(sd, scan=bool(config.model.scan))
+  batch_stats = batch_stats_from_torch(sd)
+  expected = _model_shapes(config)
+  problems = checkpoint.shape_problems(params, expected["params"], optional=DECODER_PARAMS)
+  if batch_stats:
+    problems += checkpoint.shape_problems(batch_stats, expected.get("batch_stats", {}))
+  if problems:
+    raise ValueError("the checkpoint does not fit the config's model (check the model size, "
+                     "patch_size and img_size): " + "; ".join(problems[:8]))
+  return params, batch_stats, config
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
+                       hf_config: Optional[Mapping[str, Any]] = None, source: str = "state dict"):
+  """Writes a state dict's params (and batch_stats) and config into `workdir` once every check
+  of `checked_conversion` passes (nothing is written otherwise); returns (params, batch_stats,
+  config)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  params, batch_stats, config = checked_conversion(state_dict, config, hf_config)
+  checkpoint.save_params(workdir, params, config, batch_stats=batch_stats)
+  kind = ("classifier" if "head" in params else
           "full (encoder + decoder)" if "decoder_pred" in params else "encoder-only")
-  logging.info("wrote %s params (%d arrays) to %s", kind, len(jax.tree.leaves(params)),
-               _WORKDIR.value)
+  logging.info("wrote %s params (%d arrays) of %s to %s", kind, len(jax.tree.leaves(params)),
+               source, workdir)
+  return params, batch_stats, config
 
 
-def _shape_problems(params: Params, expected: Params, prefix: str = "") -> list:
-  """Differences between a converted tree and the expected one (missing parts are allowed for
-  an encoder-only checkpoint's decoder)."""
-  problems = []
-  for key, value in params.items():
-    path = f"{prefix}{key}"
-    if key not in expected:
-      problems.append(f"{path} is not in the model")
-    elif isinstance(value, dict):
-      problems.extend(_shape_problems(value, expected[key], path + "/"))
-    elif tuple(value.shape) != tuple(expected[key].shape):
-      problems.append(f"{path} has shape {tuple(value.shape)}, the model expects "
-                      f"{tuple(expected[key].shape)}")
-  return problems
+def convert(torch_checkpoint: str, workdir: str, config=None):
+  """Converts a checkpoint file or directory (see the module docstring) into `workdir`."""
+  state_dict, hf_config = load_checkpoint(torch_checkpoint)
+  return convert_state_dict(state_dict, workdir, config, hf_config, source=torch_checkpoint)
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m mae_jax.convert`: a released checkpoint -> a workdir that mae_jax starts from."""
+  del argv
+  convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value)
 
 
 if __name__ == "__main__":
@@ -260,10 +661,11 @@ if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   _TORCH_CHECKPOINT = flags.DEFINE_string(
-      "torch_checkpoint", None, "An official .pth (or an .npz of official keys).", required=True)
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/vit_l.py).",
-                                            lock_config=True)
+      "torch_checkpoint", None, "An official .pth, a transformers ViTMAE checkpoint (directory, "
+      ".safetensors or .bin) or an .npz of official keys.", required=True)
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "A config file (configs/vit_l.py); default: the checkpoint's own model.",
+      lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.",
                                  required=True)
-  flags.mark_flag_as_required("config")
   app.run(main)

@@ -1,8 +1,17 @@
-"""The encoder in the big_vision / vision_transformer ViT layout, for other Flax models.
+"""A workdir's model for other code: the encoder in the big_vision / vision_transformer ViT
+layout (other Flax models), or a transformers ViTMAE checkpoint directory.
 
     python -m mae_jax.export --workdir=DIR --output=FILE.npz
+    python -m mae_jax.export --workdir=DIR --format=transformers --output=DIR2
 
-writes a flat npz with "a/b/c" keys, the format of big_vision's `load_params`:
+--format=transformers writes DIR2/model.safetensors and DIR2/config.json, which
+`transformers.ViTMAEForPreTraining.from_pretrained(DIR2)` loads (an encoder-only workdir, such
+as a converted `mae_pretrain_vit_*.pth`: `ViTMAEModel`), keys in the layout of the
+facebook/vit-mae-* files, which transformers 4.x and 5.x both read; `layer_norm_eps` is MAE's
+1e-6. A fine-tuned classifier has no ViTMAE counterpart and is refused.
+
+The npz (the default format)
+is a flat npz with "a/b/c" keys, the format of big_vision's `load_params`:
 - `embedding/{kernel [p, p, C, D], bias}`, `cls` [1, 1, D];
 - `pos_embedding` [1, L, D]: MAE's fixed sin-cos table (or a fine-tuned classifier's learned
   one) without the cls row. big_vision adds it to the patch tokens before it prepends `cls`;
@@ -17,7 +26,7 @@ The decoder and `mask_token` are left out. One difference remains for big_vision
 MLP uses the tanh approximation of GELU, MAE the exact one.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -123,12 +132,43 @@ def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -
   return encoder
 
 
+def from_big_vision(encoder: Params) -> Params:
+  """The inverse of `to_big_vision`: an exported encoder -> mae_jax params (2D attention
+  kernels) with a `pos_embedding` [1, 1 + L, D] whose cls row is zero (the npz folded it into
+  `cls`), the form of a classifier's learned table, which `merge_pretrained` takes."""
+  encoder = _numpy_tree(encoder)
+  missing = [k for k in _ENCODER + ("pos_embedding",) if k not in encoder]
+  if missing:
+    raise ValueError(f"not an encoder exported by mae_jax.export: {missing} missing "
+                     f"(found {sorted(encoder)})")
+  params = dict(encoder)
+  table = encoder["pos_embedding"]
+  params["pos_embedding"] = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
+  transformer = {}
+  for name, block in encoder["Transformer"].items():
+    if name.startswith("encoderblock_"):
+      block = dict(block)
+      attn = {}
+      for part, value in block["MultiHeadDotProductAttention_0"].items():
+        kernel = value["kernel"]
+        if part == "out":
+          attn[part] = {"kernel": kernel.reshape(-1, kernel.shape[-1]), "bias": value["bias"]}
+        else:
+          attn[part] = {"kernel": kernel.reshape(kernel.shape[0], -1),
+                        "bias": value["bias"].reshape(-1)}
+      block["MultiHeadDotProductAttention_0"] = attn
+    transformer[name] = block
+  params["Transformer"] = transformer
+  return params
+
+
 def load_encoder_params(path: str) -> Params:
-  """Encoder params (big_vision layout, nested dict of numpy arrays) from an npz or a workdir."""
-  if str(path).endswith(".npz"):
+  """Encoder params (big_vision layout, nested dict of numpy arrays) from a file written by
+  `python -m mae_jax.export` (whatever its name ends with) or from a workdir."""
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint._is_npz(path):  # pylint: disable=protected-access
     with np.load(path) as f:
       return _nested({k: f[k] for k in f.files})
-  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params, config = checkpoint.load_params(path)
   if config is None:
     raise ValueError(f"{path} has no config.json, so its head count is unknown: export it with "
@@ -136,9 +176,59 @@ def load_encoder_params(path: str) -> Params:
   return to_big_vision(params, config.model.num_heads, _grid(config))
 
 
+def to_transformers(params: Params, config) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+  """(state dict, config.json fields) of transformers' ViTMAEForPreTraining for MAE params
+  with a decoder, ViTMAEModel for encoder-only ones. ValueError for a classifier."""
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  if "head" in params:
+    raise ValueError("transformers' ViTMAE has no classifier: export a fine-tuned workdir with "
+                     "the default --format=npz, or its pretraining workdir as transformers")
+  m = config.model
+  sd = convert.transformers_from_official(convert.params_to_torch(
+      params, img_size=m.img_size, patch_size=m.patch_size))
+  full = "decoder_embed" in params
+  hf_config = dict(
+      architectures=["ViTMAEForPreTraining" if full else "ViTMAEModel"], model_type="vit_mae",
+      hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+      intermediate_size=int(m.embed_dim * m.mlp_ratio), hidden_act="gelu",
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
+      layer_norm_eps=1e-6, image_size=m.img_size, patch_size=m.patch_size,
+      num_channels=m.in_chans, qkv_bias=True, decoder_num_attention_heads=m.decoder_num_heads,
+      decoder_hidden_size=m.decoder_embed_dim, decoder_num_hidden_layers=m.decoder_depth,
+      decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),
+      mask_ratio=float(m.get("mask_ratio", 0.75)), norm_pix_loss=bool(m.norm_pix_loss),
+      torch_dtype="float32")
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, hf_config
+
+
+def export_transformers(workdir: str, output: str) -> Dict[str, np.ndarray]:
+  """Writes OUTPUT/model.safetensors and OUTPUT/config.json (see the module docstring) from a
+  workdir's params; returns the state dict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  params, config = checkpoint.load_params(workdir)
+  if config is None:
+    raise ValueError(f"{workdir} has no config.json: transformers' config needs the model's "
+                     "fields (heads, sizes)")
+  sd, hf_config = to_transformers(params, config)
+  os.makedirs(output, exist_ok=True)
+  save_file(sd, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(output, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  return sd
+
+
 def main(argv) -> None:
-  """`python -m mae_jax.export`: a workdir's encoder -> a big_vision-layout npz."""
+  """`python -m mae_jax.export`: a workdir's encoder -> a big_vision-layout npz, or its model ->
+  a transformers ViTMAE directory."""
   del argv
+  if _FORMAT.value == "transformers":
+    sd = export_transformers(_WORKDIR.value, _OUTPUT.value)
+    print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "
+          f"{sum(v.size for v in sd.values()):,} numbers")
+    return
   encoder = export_workdir(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
   arrays = _flat(encoder)
   print(f"wrote {_OUTPUT.value}: {len(arrays)} arrays, "
@@ -150,7 +240,10 @@ if __name__ == "__main__":
 
   _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of mae_jax.main or mae_jax.convert.",
                                  required=True)
-  _OUTPUT = flags.DEFINE_string("output", None, "The .npz file to write.", required=True)
+  _OUTPUT = flags.DEFINE_string("output", None, "The .npz file to write (--format=transformers: "
+                                "the directory).", required=True)
+  _FORMAT = flags.DEFINE_enum("format", "npz", ["npz", "transformers"],
+                              "npz: the encoder, big_vision layout; transformers: ViTMAE.")
   _NUM_HEADS = flags.DEFINE_integer("num_heads", None,
                                     "Attention heads (default: the workdir's config).")
   app.run(main)

@@ -11,7 +11,7 @@ import numpy as np
 
 import mae_jax
 from mae_jax import checkpoint, config_lib, export
-from mae_jax.models import MaskedAutoencoder, from_config
+from mae_jax.models import MaskedAutoencoder, from_config, sincos_pos_embed_2d
 from mae_jax.models.classifier import VisionTransformer
 
 MODEL = config_lib.model_config("vit_b", img_size=32, patch_size=8, embed_dim=64, depth=2,
@@ -137,3 +137,20 @@ def test_classifier_params_export_with_their_learned_table_and_head():
                               images)
   np.testing.assert_allclose(tokens, jax.jit(lambda p, x: model.apply(
       {"params": p}, x, method=VisionTransformer.encode))(params, images), atol=2e-5, rtol=1e-5)
+
+
+def test_an_export_under_any_name_reads_back_and_serves_as_init_from(tmp_path):
+  params = _mae_params()
+  config = config_lib.pretrain_config("vit_b")
+  config.model = MODEL
+  workdir, out = str(tmp_path / "pretrain"), str(tmp_path / "encoder")  # no .npz suffix
+  checkpoint.save_params(workdir, params, config)
+  written = export.export_workdir(workdir, out)
+  jax.tree.map(np.testing.assert_array_equal, mae_jax.load_encoder_params(out), written)
+  # As config.init_from: the encoder's params again, the table as a classifier's (cls row 0).
+  loaded, source_config = checkpoint.load_params(out)
+  assert source_config is None
+  table = loaded.pop("pos_embedding")
+  np.testing.assert_allclose(table[0], sincos_pos_embed_2d(64, (4, 4)), atol=1e-6)
+  encoder = {k: v for k, v in params.items() if k in ("embedding", "cls", "Transformer")}
+  jax.tree.map(np.testing.assert_array_equal, loaded, encoder)

@@ -277,7 +277,7 @@ def test_params_of_other_shapes_are_refused_without_a_saved_config(reference, tm
   manager = checkpoint.manager(str(tmp_path), keep=10)
   with pytest.raises(checkpoint.WrongModelError,
                      match=r"checkpoints/12 do not fit this config's model \(check config.model\)"
-                           r": \['Transformer'\]\['encoder_norm'\]\['bias'\] has shape \(32,\), "
+                           r": Transformer/encoder_norm/bias has shape \(32,\), "
                            r"the model expects \(64,\)"):
     checkpoint.restore_latest(manager, _abstract_state(_tiny_config(**{"model.embed_dim": 64})))
   manager.close()

@@ -2,30 +2,20 @@
 ViTMAEForPreTraining with random weights, mapped into the official key layout and converted with
 `params_from_torch`."""
 
-import re
+import os
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from mae_jax.convert import params_from_torch, params_to_torch
-from mae_jax.models import MaskedAutoencoder, sincos_pos_embed_2d
-
-# transformers' key fragments -> the official models_mae.py ones.
-_HF_TO_OFFICIAL = [
-    (r"^vit\.embeddings\.cls_token$", "cls_token"),
-    (r"^vit\.embeddings\.position_embeddings$", "pos_embed"),
-    (r"^vit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^vit\.layers\.", "blocks."),
-    (r"^vit\.layernorm\.", "norm."),
-    (r"^decoder\.decoder_layers\.", "decoder_blocks."),
-    (r"^decoder\.", ""),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"\.attention\.o_proj\.", ".attn.proj."),
-]
+from mae_jax import checkpoint, config_lib, convert, export
+from mae_jax.convert import official_from_transformers, params_from_torch, params_to_torch
+from mae_jax.models import MaskedAutoencoder, from_config, sincos_pos_embed_2d
 
 SHAPES = {
     # (img, patch, width, depth, heads, dec width, dec depth, dec heads)
@@ -62,19 +52,7 @@ def _hf_model(img, patch, width, depth, heads, dwidth, ddepth, dheads, norm_pix)
 
 
 def _official_state_dict(model):
-  sd = {}
-  qkv = {}
-  for key, value in model.state_dict().items():
-    for pattern, repl in _HF_TO_OFFICIAL:
-      key = re.sub(pattern, repl, key)
-    m = re.match(r"^(.*)\.attention\.([qkv])_proj\.(weight|bias)$", key)
-    if m:
-      qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value.numpy()
-      continue
-    sd[key] = value.numpy()
-  for (prefix, kind), parts in qkv.items():
-    sd[f"{prefix}.attn.qkv.{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
-  return sd
+  return official_from_transformers(model.state_dict())
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
@@ -147,3 +125,126 @@ def test_params_to_torch_round_trips_and_loads_strictly():
     np.testing.assert_allclose(back[key], value, atol=1e-7, err_msg=key)
   again = params_from_torch(back)
   jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+# --- transformers checkpoints, both ways -----------------------------------------------------------
+
+def _encode(model, params, images, noise):
+  """mae_jax's latent in float32."""
+  return model.clone(dtype=jnp.float32).apply({"params": params}, images, mask_ratio=0.75,
+                                              noise=noise, method=MaskedAutoencoder.encode)[0]
+
+
+def _outputs(model, params, images, noise):
+  """(loss, pred, mask, latent) of mae_jax in float32."""
+  loss, pred, mask = model.clone(dtype=jnp.float32).apply({"params": params}, images,
+                                                          mask_ratio=0.75, noise=noise)
+  return loss, pred, mask, _encode(model, params, images, noise)
+
+
+def _inputs(img, patch, seed=5):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(2, img, img, 3)).astype(np.float32)
+  return images, rng.uniform(size=(2, (img // patch)**2)).astype(np.float32)
+
+
+def _torch(images, noise):
+  return torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(noise)
+
+
+@pytest.mark.parametrize("form", ["save_pretrained", "model.safetensors", "pytorch_model.bin",
+                                  "encoder_only"])
+def test_transformers_checkpoints_convert_with_their_own_config(tmp_path, form):
+  img, patch, width, depth, heads, dwidth, ddepth, dheads = SHAPES["eight_heads"]
+  hf = _hf_model(*SHAPES["eight_heads"], norm_pix=True)
+  if form == "encoder_only":
+    hf = hf.vit  # a ViTMAEModel
+  hf.save_pretrained(tmp_path / "hf")  # transformers 5 writes the 4.x key names
+  path = tmp_path / "hf"
+  if form == "model.safetensors":
+    path = path / form
+  elif form == "pytorch_model.bin":  # torch.save of the in-memory (5.x) names
+    os.remove(path / "model.safetensors")
+    torch.save(hf.state_dict(), path / form)
+  # No --config: every model field comes from the checkpoint (arrays and config.json).
+  convert.convert(str(path), str(tmp_path / "workdir"))
+  params, config = checkpoint.load_params(str(tmp_path / "workdir"))
+  m = config.model
+  assert (m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio) == (
+      img, patch, width, depth, heads, 4.0)
+  images, noise = _inputs(img, patch)
+  with torch.no_grad():
+    out = hf(*_torch(images, noise))
+  if form == "encoder_only":
+    assert "decoder_embed" not in params
+    np.testing.assert_allclose(_encode(from_config(m), params, images, noise),
+                               out.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+    return
+  loss, pred, mask, latent = _outputs(from_config(m), params, images, noise)
+  with torch.no_grad():
+    enc = hf.vit(*_torch(images, noise))
+  assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.norm_pix_loss) == (
+      dwidth, ddepth, dheads, True)
+  np.testing.assert_array_equal(np.asarray(mask), out.mask.numpy())
+  np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
+  np.testing.assert_allclose(pred, out.logits.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(latent, enc.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _mae_workdir(path, shape, encoder_only=False):
+  img, patch, width, depth, heads, dwidth, ddepth, dheads = SHAPES[shape]
+  config = config_lib.pretrain_config("vit_b")
+  config.model = config_lib.model_config(
+      "vit_b", img_size=img, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
+      decoder_embed_dim=dwidth, decoder_depth=ddepth, decoder_num_heads=dheads,
+      norm_pix_loss=True, dtype="float32")
+  model = from_config(config.model)
+  shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(0)},
+                          jnp.zeros((1, img, img, 3)))["params"]
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
+  if encoder_only:
+    params = {k: v for k, v in params.items() if k not in convert.DECODER_PARAMS}
+  checkpoint.save_params(str(path), params, config)
+  return model, params
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_export_writes_what_transformers_loads_and_convert_reads_back(tmp_path, shape):
+  model, params = _mae_workdir(tmp_path / "workdir", shape)
+  out = tmp_path / "hf"
+  subprocess.run([sys.executable, "-m", "mae_jax.export", f"--workdir={tmp_path / 'workdir'}",
+                  "--format=transformers", f"--output={out}"], check=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True)
+  hf = transformers.ViTMAEForPreTraining.from_pretrained(out, attn_implementation="eager").eval()
+  images, noise = _inputs(model.img_size, model.patch_size, seed=8)
+  loss, pred, mask, latent = _outputs(model, params, images, noise)
+  with torch.no_grad():
+    got = hf(*_torch(images, noise))
+    enc = hf.vit(*_torch(images, noise))
+  np.testing.assert_array_equal(np.asarray(mask), got.mask.numpy())
+  np.testing.assert_allclose(float(loss), got.loss.item(), rtol=1e-5)
+  np.testing.assert_allclose(pred, got.logits.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(latent, enc.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+  # ... and back: the same params.
+  state_dict, hf_config = convert.load_checkpoint(str(out))
+  back, _, config = convert.checked_conversion(state_dict, hf_config=hf_config)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  assert (config.model.num_heads, config.model.decoder_num_heads) == (model.num_heads,
+                                                                      model.decoder_num_heads)
+
+
+def test_encoder_only_workdir_exports_a_vitmae_model(tmp_path):
+  model, params = _mae_workdir(tmp_path / "workdir", "two_heads", encoder_only=True)
+  sd, hf_config = export.to_transformers(*checkpoint.load_params(str(tmp_path / "workdir")))
+  assert hf_config["architectures"] == ["ViTMAEModel"]
+  export.export_transformers(str(tmp_path / "workdir"), str(tmp_path / "hf"))
+  hf = transformers.ViTMAEModel.from_pretrained(tmp_path / "hf",
+                                                attn_implementation="eager").eval()
+  assert set(hf.state_dict()) >= {k.replace("encoder.layer.", "layers.") for k in sd
+                                  if "attention" not in k and "dense" not in k}
+  images, noise = _inputs(model.img_size, model.patch_size, seed=9)
+  latent = _encode(model, params, images, noise)
+  with torch.no_grad():
+    got = hf(*_torch(images, noise))
+  np.testing.assert_allclose(latent, got.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,137 @@
+"""mae_jax.convert: a checkpoint's own facts win over a config's guess; linear probes convert."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import checkpoint, config_lib, convert
+from mae_jax.models import from_config
+from mae_jax.models.classifier import VisionTransformer, classifier_from_config
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+            decoder_depth=1, decoder_num_heads=2, dtype="float32")
+
+
+def _random(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+
+
+def _pretrain_config(**overrides):
+  config = config_lib.pretrain_config("vit_b")
+  config.model = config_lib.model_config("vit_b", **{**TINY, **overrides})
+  return config
+
+
+def _official_mae(**overrides):
+  """An official-keyed state dict (with its fixed position tables) of a tiny MAE."""
+  model = from_config(_pretrain_config(**overrides).model)
+  size = model.img_size
+  params = _random(jax.eval_shape(model.init, {"params": jax.random.key(0),
+                                               "mask": jax.random.key(0)},
+                                  jnp.zeros((1, size, size, 3)))["params"])
+  return convert.params_to_torch(params, img_size=size), params
+
+
+def test_config_fields_that_disagree_with_the_file_are_refused_naming_both(tmp_path):
+  sd, _ = _official_mae()
+  cases = {
+      "img_size": (64, r"config.model.img_size=64, but the checkpoint's is 32 \(pos_embed "
+                       r"\[1, 17, 32\]: a 4x4 patch grid\)"),
+      "patch_size": (4, r"config.model.patch_size=4, but the checkpoint's is 8 \("
+                        r"patch_embed.proj.weight \[32, 3, 8, 8\]\)"),
+      # A deeper config once converted silently, leaving the missing blocks to a fresh init.
+      "depth": (3, r"config.model.depth=3, but the checkpoint's is 2"),
+      "decoder_embed_dim": (32, r"config.model.decoder_embed_dim=32, but the checkpoint's is 16"),
+  }
+  for field, (value, message) in cases.items():
+    with pytest.raises(ValueError, match=message):
+      convert.checked_conversion(sd, _pretrain_config(**{field: value}))
+  # Several at once are all named; nothing was written.
+  with pytest.raises(ValueError, match=r"depth=3.*img_size=64"):
+    convert.convert_state_dict(sd, str(tmp_path / "w"), _pretrain_config(img_size=64, depth=3))
+  assert not (tmp_path / "w").exists()
+
+
+def test_fields_the_config_leaves_open_come_from_the_file():
+  sd, params = _official_mae(img_size=48)  # a 6x6 grid
+  config = _pretrain_config(img_size=None, embed_dim=None, decoder_depth=None)
+  got, _, config = convert.checked_conversion(sd, config)
+  assert (config.model.img_size, config.model.embed_dim, config.model.decoder_depth) == (48, 32, 1)
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_an_encoder_only_file_leaves_the_decoder_open_but_not_half_a_decoder():
+  sd, _ = _official_mae()
+  encoder = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+  params, _, _ = convert.checked_conversion(encoder, _pretrain_config(decoder_embed_dim=64))
+  assert not set(convert.DECODER_PARAMS) & set(params)
+  del sd["decoder_pred.weight"], sd["decoder_pred.bias"]
+  with pytest.raises(ValueError, match="decoder_pred/kernel is missing"):
+    convert.checked_conversion(sd, _pretrain_config())
+
+
+def test_a_position_table_that_is_not_the_fixed_one_is_refused():
+  sd, _ = _official_mae()
+  sd["pos_embed"] = sd["pos_embed"] + 0.5  # a learned table: MaskedAutoencoder would drop it
+  with pytest.raises(ValueError, match=r"pos_embed \[1, 17, 32\] is not MAE's fixed 2D sin-cos "
+                                       r"table of a 4x4 grid"):
+    convert.checked_conversion(sd, _pretrain_config())
+
+
+def test_without_a_config_the_heads_must_be_known():
+  sd, _ = _official_mae()
+  with pytest.raises(ValueError, match="does not record its attention heads"):
+    convert.checked_conversion(sd)
+
+
+def test_classifier_and_pretraining_kinds_are_not_mixed():
+  sd, _ = _official_mae()
+  with pytest.raises(ValueError, match="is a pretrained MAE"):
+    convert.checked_conversion(sd, _linprobe_config())
+  probe_sd, _, _ = _probe_state_dict()
+  with pytest.raises(ValueError, match="is a classifier"):
+    convert.checked_conversion(probe_sd, _pretrain_config())
+
+
+def _linprobe_config():
+  config = config_lib.linprobe_config("vit_b")
+  config.model = config_lib.classifier_model_config(
+      "vit_b", num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+      global_pool=False, head_batchnorm=True, dtype="float32")
+  return config
+
+
+def _probe_state_dict():
+  """An official linear-probe state dict (head.0 BatchNorm, head.1 Linear) and its variables."""
+  model = classifier_from_config(_linprobe_config().model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = _random(shapes["params"], 1)
+  stats = {"head_norm": {"mean": np.linspace(-1, 1, 32).astype(np.float32),
+                         "var": np.linspace(0.5, 2, 32).astype(np.float32)}}
+  return convert.params_to_torch(params, batch_stats=stats), params, stats
+
+
+def test_official_linear_probe_checkpoints_convert_with_their_batchnorm_statistics(tmp_path):
+  sd, params, stats = _probe_state_dict()
+  assert {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",
+          "head.1.weight", "head.1.bias"} <= set(sd) and "head.weight" not in sd
+  np.savez(tmp_path / "probe.npz", **sd)
+  convert.convert(str(tmp_path / "probe.npz"), str(tmp_path / "w"), _linprobe_config())
+  got, got_stats, config = checkpoint.load_variables(str(tmp_path / "w"))
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  jax.tree.map(np.testing.assert_array_equal, got_stats, stats)
+  assert config.mode == "linprobe"
+  model = VisionTransformer(**{k: v for k, v in config.model.items()})
+  images = np.random.default_rng(2).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  logits = model.apply({"params": got, "batch_stats": got_stats}, images)
+  feats = model.apply({"params": params}, images, method=VisionTransformer.features)
+  normed = (feats - stats["head_norm"]["mean"]) / np.sqrt(stats["head_norm"]["var"] + 1e-6)
+  np.testing.assert_allclose(logits, normed @ params["head"]["kernel"] + params["head"]["bias"],
+                             rtol=1e-5, atol=1e-5)
+  # Back to official keys: the same state dict.
+  back = convert.params_to_torch(got, batch_stats=got_stats)
+  assert set(back) == set(sd)
+  for key in sd:
+    np.testing.assert_array_equal(back[key], sd[key])
