@@ -11,14 +11,28 @@ MODEL_SIZES = {
 }
 
 
+def image_size_field(img_size=224) -> config_dict.FieldReference:
+  """A config field for `img_size` that holds an int (square) or an (H, W) pair.
+
+  ml_collections parses a command-line override by the type of the field's value, so an int
+  field would refuse `'(48, 64)'` and a tuple field `224`. A field typed `object` is parsed as
+  a Python literal, so both `--config.model.img_size=224` and
+  `--config.model.img_size='(48, 64)'` work; the models check the value
+  (`mae_jax.models.image_hw`).
+  """
+  return config_dict.FieldReference(img_size, field_type=object)
+
+
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
-  """`MaskedAutoencoder` constructor fields (same names) plus `mask_ratio`."""
+  """`MaskedAutoencoder` constructor fields (same names) plus `mask_ratio`; `img_size` is an
+  int or an (H, W) pair (`image_size_field`)."""
   fields = dict(img_size=224, in_chans=3, decoder_embed_dim=512, decoder_depth=8,
                 decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=True,
                 dtype="bfloat16", scan=False, remat=False,
                 attention_impl=config_dict.placeholder(str), mask_ratio=0.75)
   fields.update(MODEL_SIZES[size])
   fields.update(overrides)
+  fields["img_size"] = image_size_field(fields["img_size"])
   return ml_collections.ConfigDict(fields)
 
 
@@ -78,12 +92,14 @@ FINETUNE = {
 
 
 def classifier_model_config(size: str, **overrides) -> ml_collections.ConfigDict:
-  """`VisionTransformer` fields (mae_jax.models.classifier) for one ViT size."""
+  """`VisionTransformer` fields (mae_jax.models.classifier) for one ViT size; `img_size` as in
+  `model_config`."""
   fields = dict(num_classes=1000, img_size=224, in_chans=3, mlp_ratio=4.0, global_pool=True,
                 drop_path=0.0, head_init_std=2e-5, head_batchnorm=False, dtype="bfloat16",
                 scan=False, remat=False, attention_impl=config_dict.placeholder(str))
   fields.update(MODEL_SIZES[size])
   fields.update(overrides)
+  fields["img_size"] = image_size_field(fields["img_size"])
   return ml_collections.ConfigDict(fields)
 
 

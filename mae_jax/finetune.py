@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import augment
 from mae_jax import checkpoint
+from mae_jax import models
 from mae_jax import optim
 from mae_jax import train
 from mae_jax import writers
@@ -61,8 +62,17 @@ def validate_config(config: ml_collections.ConfigDict, *,
   check(config.mode in MODES, f"config.mode={config.mode!r} must be one of {MODES}.")
   check(m.num_classes >= 1, f"config.model.num_classes={m.num_classes} must be the dataset's "
         f"number of classes (1000 for imagenet2012, 10 for sklearn_digits).")
-  check(m.img_size % m.patch_size == 0, f"config.model.patch_size={m.patch_size} does not "
-        f"divide config.model.img_size={m.img_size}.")
+  try:
+    height, width = models.image_hw(m.img_size)
+  except ValueError as e:
+    height = width = m.patch_size  # reported here; the checks below then pass
+    errors.append(f"config.model.img_size={m.img_size!r}: {e} (e.g. "
+                  f"--config.model.img_size=224 or --config.model.img_size='(192, 256)').")
+  check(height % m.patch_size == 0 and width % m.patch_size == 0,
+        f"config.model.patch_size={m.patch_size} does not divide config.model.img_size="
+        f"{m.img_size}.")
+  check(height == width, f"config.model.img_size={m.img_size}: the input pipeline makes "
+        f"square crops only; give one size.")
   check(m.embed_dim % m.num_heads == 0, f"config.model.num_heads={m.num_heads} does not divide "
         f"config.model.embed_dim={m.embed_dim}.")
   check(m.dtype in train.COMPUTE_DTYPES,
@@ -119,7 +129,7 @@ def init_state(model: VisionTransformer, config: ml_collections.ConfigDict,
                tx: optax.GradientTransformation) -> FinetuneState:
   """Fresh params (the official init), optimizer state, step 0 and the run's key."""
   params_key, rng = jax.random.split(jax.random.key(config.seed))
-  images = jnp.zeros((2, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  images = jnp.zeros((2, *models.image_hw(model.img_size), model.in_chans), jnp.float32)
   variables = model.init({"params": params_key}, images)
   params = variables["params"]
   return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
@@ -149,11 +159,13 @@ def start_params(config: ml_collections.ConfigDict, params: Params,
     logging.warning("config.init_from is empty: training from a random init.")
     return params
   pretrained, source_config = checkpoint.load_params(config.init_from)
-  grid = None
+  source_grid = None
   if source_config is not None:
-    g = source_config.model.img_size // source_config.model.patch_size
-    grid = (g, g)
-  merged, report = merge_pretrained(params, pretrained, pretrained_grid=grid)
+    source_grid = models.patch_grid(source_config.model.img_size,
+                                    source_config.model.patch_size)
+  merged, report = merge_pretrained(
+      params, pretrained, pretrained_grid=source_grid,
+      grid=models.patch_grid(config.model.img_size, config.model.patch_size))
   logging.info("Loaded %s from %s.", "pretrained params", config.init_from)
   for kind in ("missing", "mismatched", "extra"):
     if report[kind]:

@@ -6,6 +6,7 @@ inside `train_and_evaluate` only, so GPU hosts can run the step, tests and bench
 
 import contextlib
 import functools
+import math
 import signal
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -59,7 +60,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
     if not ok:
       errors.append(message)
 
-  positive = [("model.img_size", m.img_size), ("model.patch_size", m.patch_size),
+  try:
+    height, width = models.image_hw(m.img_size)
+  except ValueError as e:
+    errors.append(f"config.model.img_size={m.img_size!r}: {e} (e.g. "
+                  f"--config.model.img_size=224 or --config.model.img_size='(192, 256)').")
+  positive = [("model.patch_size", m.patch_size),
               ("model.in_chans", m.in_chans), ("model.embed_dim", m.embed_dim),
               ("model.num_heads", m.num_heads), ("model.decoder_embed_dim", m.decoder_embed_dim),
               ("model.decoder_num_heads", m.decoder_num_heads), ("input.batch_size",
@@ -72,17 +78,19 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional
   if errors:  # the checks below divide by these
     raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
 
-  check(m.img_size % m.patch_size == 0,
+  check(height % m.patch_size == 0 and width % m.patch_size == 0,
         f"config.model.patch_size={m.patch_size} does not divide config.model.img_size="
         f"{m.img_size}; choose a patch size that divides the image size (e.g. "
-        f"{_divisor_near(m.img_size, m.patch_size)}).")
+        f"{_divisor_near(math.gcd(height, width), m.patch_size)}).")
   check(0.0 <= m.mask_ratio < 1.0,
         f"config.model.mask_ratio={m.mask_ratio} is outside [0, 1); the paper uses 0.75.")
-  patches = (m.img_size // m.patch_size) ** 2
+  patches = (height // m.patch_size) * (width // m.patch_size)
   check(not 0.0 <= m.mask_ratio < 1.0 or num_kept(patches, m.mask_ratio) < patches,
         f"config.model.mask_ratio={m.mask_ratio} masks none of the {patches} patches, and the "
         f"loss is the error on masked patches only (0/0, as in the official code): use at least "
         f"{1 / patches:.4g} (one patch); the paper uses 0.75.")
+  check(height == width, f"config.model.img_size={m.img_size}: the input pipeline makes "
+        f"square crops only; give one size.")
   check(m.in_chans == 3, f"config.model.in_chans={m.in_chans}: the input pipeline gives RGB "
         f"images; set it to 3.")
   for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
@@ -234,7 +242,7 @@ def init_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransfor
                      seed: int) -> TrainState:
   """Fresh params (the official init), optimizer state, step 0 and the run's noise key."""
   params_key, noise_key = jax.random.split(jax.random.key(seed))
-  images = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  images = jnp.zeros((1, *models.image_hw(model.img_size), model.in_chans), jnp.float32)
   params = model.init({"params": params_key, "mask": noise_key}, images)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(noise_key))
@@ -317,7 +325,7 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
   """One optimizer update on a global batch of NHWC images, optionally in micro-batches;
   `guard_branch` is `update_if_finite`'s `branch`."""
   b = images.shape[0]
-  num_patches = (model.img_size // model.patch_size) ** 2
+  num_patches = models.num_patches(model.img_size, model.patch_size)
   noise = masking_noise(state.rng, state.step, b, num_patches)
 
   def loss_fn(params, images, noise):
@@ -556,7 +564,7 @@ def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.Mask
   # Every process holds the same images and noise: a replicated global array each.
   images = jax.make_array_from_process_local_data(replicated, images)
   noise = jax.make_array_from_process_local_data(replicated, visualize.fixed_noise(
-      config.seed, images.shape[0], (model.img_size // model.patch_size) ** 2))
+      config.seed, images.shape[0], models.num_patches(model.img_size, model.patch_size)))
   render = jax.jit(functools.partial(visualize.reconstruct, model,
                                      mask_ratio=config.model.mask_ratio),
                    out_shardings=replicated)

@@ -31,19 +31,21 @@ COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 Params = Dict[str, Any]
 
 
-def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-  """Shorter side resized to `size` (bicubic), centre crop, ImageNet-normalized [size, size, 3]."""
+def prepare_image(image: Image.Image, size: models.ImageSize) -> np.ndarray:
+  """Resized (bicubic) to just cover `size` (an int or (H, W)), centre crop, ImageNet-normalized
+  float32 [H, W, 3]; for a square size the shorter side is resized to it."""
   image = image.convert("RGB")
-  scale = size / min(image.size)
-  w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+  height, width = models.image_hw(size)
+  scale = max(height / image.height, width / image.width)
+  w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
   image = image.resize((w, h), Image.BICUBIC)
-  left, top = (w - size) // 2, (h - size) // 2
-  pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
+  left, top = (w - width) // 2, (h - height) // 2
+  pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32) / 255.0
   return (pixels - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def load_images(paths: Sequence[str], size: int) -> np.ndarray:
-  """Image files -> normalized float32 [N, size, size, 3]."""
+def load_images(paths: Sequence[str], size: models.ImageSize) -> np.ndarray:
+  """Image files -> normalized float32 [N, H, W, 3]."""
   out = []
   for path in paths:
     with Image.open(path) as image:
@@ -51,8 +53,8 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
   return np.stack(out)
 
 
-def sample_images(size: int) -> np.ndarray:
-  """scikit-image's sample photos, normalized float32 [N, size, size, 3]."""
+def sample_images(size: models.ImageSize) -> np.ndarray:
+  """scikit-image's sample photos, normalized float32 [N, H, W, 3]."""
   import skimage.data  # pylint: disable=g-import-not-at-top
   folder = os.path.dirname(skimage.data.__file__)
   return load_images([os.path.join(folder, name) for name in SAMPLE_PHOTOS], size)
@@ -141,7 +143,7 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
                                                  scan=models.is_scanned(params))
   pixels = (load_images(images, model.img_size) if images
             else sample_images(model.img_size))
-  noise = fixed_noise(seed, pixels.shape[0], (model.img_size // model.patch_size) ** 2)
+  noise = fixed_noise(seed, pixels.shape[0], models.num_patches(model.img_size, model.patch_size))
   ratio = model_config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
   figure = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio))(
       params, pixels, noise)

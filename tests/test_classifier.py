@@ -5,8 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from mae_jax.models import MaskedAutoencoder, sincos_pos_embed_2d, unrolled_to_scan
+from mae_jax.models import MaskedAutoencoder, image_hw, sincos_pos_embed_2d, unrolled_to_scan
 from mae_jax.models.classifier import VisionTransformer, merge_pretrained, resample_posemb
 
 MAE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
@@ -30,13 +31,13 @@ def _mae_params():
 
 
 def _shapes(model):
-  images = jnp.zeros((2, model.img_size, model.img_size, 3))
+  images = jnp.zeros((2, *image_hw(model.img_size), 3))
   return jax.eval_shape(model.init, {"params": jax.random.key(5)}, images)
 
 
-def _load(model, pretrained=None):
+def _load(model, pretrained=None, **grids):
   """Pretrained params merged into the model; what is missing filled with N(0, 0.02)."""
-  params, _ = merge_pretrained(_shapes(model)["params"], pretrained or _mae_params())
+  params, _ = merge_pretrained(_shapes(model)["params"], pretrained or _mae_params(), **grids)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else rng.normal(
       0, 0.02, x.shape).astype(np.float32), params)
@@ -149,6 +150,32 @@ def test_position_table_is_resampled_to_a_new_image_size():
   np.testing.assert_allclose(params2["pos_embedding"][0, 1:],
                              resample_posemb(expected[1:], (6, 6), (3, 3)), atol=1e-6)
   np.testing.assert_array_equal(params2["pos_embedding"][0, 0], expected[0])
+
+
+def test_position_tables_are_resampled_between_non_square_grids():
+  # A square MAE (4x4 patches) fine-tuned at 32x64 (4x8), then moved to 48x40 (6x5).
+  wide = VisionTransformer(**dict(VIT, img_size=(32, 64)), global_pool=False)
+  params, _ = merge_pretrained(_shapes(wide)["params"], _mae_params(), pretrained_grid=(4, 4),
+                               grid=(4, 8))
+  table = sincos_pos_embed_2d(64, (4, 4))
+  expected = np.concatenate([table[:1], resample_posemb(table[1:], (4, 4), (4, 8))])
+  np.testing.assert_allclose(params["pos_embedding"][0], expected, atol=1e-6)
+  other = VisionTransformer(**dict(VIT, img_size=(48, 40)), global_pool=False)
+  params2, _ = merge_pretrained(_shapes(other)["params"], params, pretrained_grid=(4, 8),
+                                grid=(6, 5))
+  np.testing.assert_allclose(params2["pos_embedding"][0, 1:],
+                             resample_posemb(expected[1:], (4, 8), (6, 5)), atol=1e-6)
+  # A non-square table's grid cannot be guessed from its length: it must be given, and match.
+  with pytest.raises(ValueError, match="not a square grid"):
+    merge_pretrained(_shapes(other)["params"], params, grid=(6, 5))
+  with pytest.raises(ValueError, match="not the 5x7 grid"):
+    merge_pretrained(_shapes(other)["params"], params, pretrained_grid=(5, 7), grid=(6, 5))
+  # The non-square classifier runs on H x W images and refuses transposed ones.
+  variables = _load(wide, pretrained_grid=(4, 4), grid=(4, 8))
+  logits = _apply(wide, variables, jnp.ones((2, 32, 64, 3)))
+  assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+  with pytest.raises(ValueError, match=r"\[batch, 32, 64, 3\]"):
+    wide.apply(variables, jnp.ones((2, 64, 32, 3)))
 
 
 def test_drop_path_acts_only_in_training():

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from mae_jax import config_lib
-from mae_jax.models import (MaskedAutoencoder, from_config, normalized_targets, num_kept,
-                            patchify, random_masking, scan_to_unrolled, sincos_pos_embed_2d,
-                            unnormalize_pred, unpatchify, unrolled_to_scan)
+from mae_jax.models import (MaskedAutoencoder, from_config, image_hw, normalized_targets,
+                            num_kept, num_patches, patch_grid, patchify, random_masking,
+                            scan_to_unrolled, sincos_pos_embed_2d, unnormalize_pred, unpatchify,
+                            unrolled_to_scan)
 
 TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
             decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
@@ -22,7 +23,7 @@ def _count(tree):
 
 
 def _init(model, batch=2):
-  images = jnp.zeros((batch, model.img_size, model.img_size, model.in_chans))
+  images = jnp.zeros((batch, *image_hw(model.img_size), model.in_chans))
   return model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, images)["params"]
 
 
@@ -214,3 +215,81 @@ def test_bad_inputs_are_refused_with_a_clear_message(kwargs, shape, message):
 def test_patch_size_that_does_not_divide_the_image_is_refused():
   with pytest.raises(ValueError, match="patch_size"):
     _init(MaskedAutoencoder(**dict(TINY, patch_size=7)))
+
+
+def _official_sincos_table(dim, rows, cols):
+  """util/pos_embed.py's get_2d_sincos_pos_embed step by step (float64, as it computes), with
+  its square arange(grid_size) replaced by arange(rows) for h and arange(cols) for w."""
+  def one_d(d, pos):
+    omega = np.arange(d // 2, dtype=np.float64)
+    omega /= d / 2.0
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  grid = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+  grid = np.stack(grid, axis=0).reshape([2, 1, rows, cols])  # grid[0]: w first, as official
+  emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+  return np.concatenate([np.zeros([1, dim]), emb], axis=0)
+
+
+@pytest.mark.parametrize("dim,rows,cols", [(64, 4, 4), (768, 14, 14), (1280, 16, 16),
+                                           (64, 4, 8), (32, 3, 5), (96, 12, 7)])
+def test_sincos_table_is_the_official_construction_on_any_grid(dim, rows, cols):
+  ours = sincos_pos_embed_2d(dim, (rows, cols))
+  # Bit for bit the official table as the model holds it (float32), square or not.
+  np.testing.assert_array_equal(ours, _official_sincos_table(dim, rows, cols).astype(np.float32))
+
+
+@pytest.mark.parametrize("img_size,hw", [(224, (224, 224)), ((48, 64), (48, 64)),
+                                         ([48, 64], (48, 64)), (np.int64(32), (32, 32))])
+def test_image_size_is_an_int_or_a_height_width_pair(img_size, hw):
+  assert image_hw(img_size) == hw
+  assert patch_grid(img_size, 16) == (hw[0] // 16, hw[1] // 16)
+  assert num_patches(img_size, 16) == (hw[0] // 16) * (hw[1] // 16)
+
+
+@pytest.mark.parametrize("img_size", [224.0, "224", True, (48,), (48, 64, 3), (48.0, 64),
+                                      0, (0, 64), (-16, 64)])
+def test_bad_image_sizes_are_refused_with_what_is_accepted(img_size):
+  with pytest.raises(ValueError, match="img_size"):
+    image_hw(img_size)
+
+
+def test_patch_size_must_divide_both_sides():
+  with pytest.raises(ValueError, match="height and width"):
+    patch_grid((48, 60), 8)
+
+
+def test_non_square_model_embeds_patches_row_major_with_the_hw_table():
+  # Zero patch-embedding weights: the encoder's input is then cls + the position table, in
+  # the order of the visible patches, which must be the official row-major (row, col) order.
+  model = MaskedAutoencoder(**dict(TINY, img_size=(16, 40), depth=1, decoder_depth=1))
+  grid = (2, 5)
+  assert patch_grid(model.img_size, model.patch_size) == grid
+  params = _init(model)
+  params = dict(params, embedding=jax.tree.map(jnp.zeros_like, params["embedding"]))
+  images = jax.random.normal(jax.random.key(0), (2, 16, 40, 3))
+  noise = jnp.tile(jnp.linspace(0.0, 0.9, 10)[None], (2, 1))  # keeps patches 0..4 in order
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.module.__class__.__name__ == "Transformer" and context.module.name == "Transformer":
+      seen.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with nn.intercept_methods(record):
+    loss, pred, mask = model.apply({"params": params}, images, mask_ratio=0.5, noise=noise)
+  table = sincos_pos_embed_2d(64, grid)
+  np.testing.assert_allclose(seen[0][0, 1:], table[1:6], atol=1e-6)
+  np.testing.assert_allclose(seen[0][0, 0], np.asarray(params["cls"])[0, 0], atol=1e-6)
+  assert pred.shape == (2, 10, 8 * 8 * 3) and mask.shape == (2, 10)
+  np.testing.assert_array_equal(mask[0], [0] * 5 + [1] * 5)
+  assert unpatchify(pred, 8, grid, 3).shape == (2, 16, 40, 3)
+  # The loss is the official one on this image's own (row-major) patches.
+  expected = (np.square(np.asarray(pred) - np.asarray(normalized_targets(patchify(
+      images, 8)))).mean(-1) * np.asarray(mask)).sum() / np.asarray(mask).sum()
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"\[batch, 16, 40, 3\]"):
+    model.apply({"params": params}, jnp.zeros((2, 40, 16, 3)), noise=noise)

@@ -4,10 +4,12 @@ from mae_jax.models.functional import (mae_loss, masked_mse, normalized_targets,
                                        patchify, random_masking, sincos_pos_embed_2d,
                                        unnormalize_pred, unpatchify)
 from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
-from mae_jax.models.mae import MaskedAutoencoder, from_config
+from mae_jax.models.mae import (ImageSize, MaskedAutoencoder, canonical_img_size, from_config,
+                                image_hw, num_patches, patch_grid)
 
 __all__ = [
-    "MaskedAutoencoder", "from_config", "mae_loss", "masked_mse", "normalized_targets", "num_kept", "patchify",
+    "ImageSize", "MaskedAutoencoder", "canonical_img_size", "from_config", "image_hw",
+    "num_patches", "patch_grid", "mae_loss", "masked_mse", "normalized_targets", "num_kept", "patchify",
     "random_masking", "sincos_pos_embed_2d", "unnormalize_pred", "unpatchify", "is_scanned",
     "scan_to_unrolled", "unrolled_to_scan",
 ]

@@ -23,7 +23,8 @@ import numpy as np
 
 from mae_jax.models import functional as F
 from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
-from mae_jax.models.mae import PatchEmbed, check_images, patch_grid
+from mae_jax.models.mae import (ImageSize, PatchEmbed, canonical_img_size, check_images,
+                                patch_grid)
 from mae_jax.models.vit import Transformer
 
 Dtype = Any
@@ -61,9 +62,12 @@ def resample_posemb(posemb: np.ndarray, old_grid: Tuple[int, int],
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier: `apply(vars, images_nhwc, train=False)` -> logits [B, num_classes]."""
+  """ViT classifier: `apply(vars, images_nhwc, train=False)` -> logits [B, num_classes].
+
+  `img_size` is an int (square) or an (H, W) pair, as in `MaskedAutoencoder`.
+  """
   num_classes: int = 1000
-  img_size: int = 224
+  img_size: ImageSize = 224
   patch_size: int = 16
   in_chans: int = 3
   embed_dim: int = 1024
@@ -131,7 +135,9 @@ class VisionTransformer(nn.Module):
 
 def classifier_from_config(model_config) -> VisionTransformer:
   """A `VisionTransformer` from a fine-tuning or linear-probing `config.model`."""
-  return VisionTransformer(**dict(model_config))
+  fields = dict(model_config)
+  fields["img_size"] = canonical_img_size(fields["img_size"])
+  return VisionTransformer(**fields)
 
 
 def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
@@ -153,17 +159,36 @@ def _unflatten(flat: Dict[Tuple[str, ...], Any]) -> Dict[str, Any]:
   return out
 
 
-def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, int]] = None
+def _table_grid(table_shape: Tuple[int, ...], grid: Optional[Tuple[int, int]], what: str
+                ) -> Tuple[int, int]:
+  """The patch grid of a position table [1, 1 + L, D]: `grid`, or the square one L allows."""
+  length = table_shape[1] - 1
+  if grid is None:
+    side = int(round(length**0.5))
+    if side * side != length:
+      raise ValueError(f"the {what} position table has {length} patch rows, not a square "
+                       f"grid: pass its (rows, cols) grid")
+    return side, side
+  if grid[0] * grid[1] != length:
+    raise ValueError(f"the {what} position table has {length} patch rows, not the "
+                     f"{grid[0]}x{grid[1]} grid given")
+  return tuple(grid)
+
+
+def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, int]] = None,
+                     grid: Optional[Tuple[int, int]] = None
                      ) -> Tuple[Dict[str, Any], Dict[str, List[str]]]:
   """Pretrained params (MAE or classifier, scanned or not) merged into fresh classifier params.
 
   Every fresh param (arrays or `jax.ShapeDtypeStruct`s) whose path and shape the pretrained
-  tree has is replaced by the pretrained numpy value. `pos_embedding`
-  comes from the pretrained one if present, else from MAE's fixed table on `pretrained_grid`
-  (default: the classifier's grid), resized to the classifier's grid like the official
-  interpolate_pos_embed. Returns
+  tree has is replaced by the pretrained numpy value. `pos_embedding` comes from the
+  pretrained one if present, else from MAE's fixed table on `pretrained_grid`, resized to the
+  classifier's grid like the official interpolate_pos_embed. `grid` is the classifier's
+  (rows, cols) patch grid and `pretrained_grid` the pretrained model's; either may be left
+  out where the table is square (`pretrained_grid` then defaults to `grid`). Returns
   (params, report) with the sorted "missing" (kept fresh), "mismatched" (shape differs, kept
-  fresh) and "extra" (unused) paths as "a/b/c" strings.
+  fresh) and "extra" (unused) paths as "a/b/c" strings. Raises ValueError when a grid does
+  not match its table's length.
   """
   params = dict(params)
   pretrained = jax.tree.map(np.asarray, dict(pretrained))
@@ -172,16 +197,13 @@ def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, in
   elif is_scanned(params) and not is_scanned(pretrained):
     pretrained = unrolled_to_scan(pretrained)
   pretrained = jax.tree.map(np.asarray, pretrained)
-  length, d = params["pos_embedding"].shape[1:]
-  side = int(round((length - 1)**0.5))
-  grid = (side, side)
+  grid = _table_grid(params["pos_embedding"].shape, grid, "classifier's")
   if "pos_embedding" in pretrained:
     table = pretrained["pos_embedding"][0]
-    old_side = int(round((table.shape[0] - 1)**0.5))
-    old_grid = (old_side, old_side)
+    old_grid = _table_grid(pretrained["pos_embedding"].shape, pretrained_grid, "pretrained")
   else:
     old_grid = tuple(pretrained_grid or grid)
-    table = F.sincos_pos_embed_2d(d, old_grid)
+    table = F.sincos_pos_embed_2d(params["pos_embedding"].shape[-1], old_grid)
   pretrained["pos_embedding"] = np.concatenate(
       [table[:1], resample_posemb(table[1:], old_grid, grid)])[None]
   fresh, loaded = _flatten(params), _flatten(pretrained)

@@ -45,7 +45,10 @@ def sincos_pos_embed_2d(dim: int, grid: Tuple[int, int], cls_token: bool = True)
 
   Columns: [sin(w*omega) | cos(w*omega) | sin(h*omega) | cos(h*omega)], each dim/4 wide,
   w = patch column, h = patch row; with `cls_token` a row of zeros comes first. This is the
-  official util/pos_embed.py table, not big_vision's posemb_sincos_2d.
+  official util/pos_embed.py table, not big_vision's posemb_sincos_2d. For a non-square
+  (rows, cols) grid it is the official construction with its square `arange(grid_size)`
+  replaced by `arange(cols)` for w and `arange(rows)` for h; a square grid gives the official
+  table bit for bit.
   """
   if dim % 4:
     raise ValueError(f"the 2D sin-cos position embedding needs a width divisible by 4, got {dim}")
