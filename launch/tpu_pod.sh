@@ -16,8 +16,13 @@
 #                             v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e)
 #   --project=PROJECT         default: gcloud's configured project
 #   --queued                  request the slice as a queued resource and wait until ACTIVE
-#   --spot                    Spot capacity (cheaper; preemptible: training resumes from its
-#                             workdir when the same command is run again)
+#   --spot                    Spot capacity (cheaper; preemptible: run the same command again
+#                             and the preempted slice is deleted, created anew, and training
+#                             resumes from its workdir)
+#   --plan                    before create, compile the run's train step for this slice here
+#                             (python -m mae_jax.plan, needs '.[tpu]') and create nothing if it
+#                             does not fit in the chips' memory
+#   --create_even_if_it_does_not_fit   with --plan: create the slice all the same
 #   --repo=GIT_URL            mae_jax repository every worker clones        [required: install]
 #   --branch=BRANCH           default: main
 #   --config=FILE             config file, relative to the repository          [required: run]
@@ -26,7 +31,11 @@
 #   --detach                  start training in the background on every worker (output in
 #                             ~/mae_jax.log there) and return, instead of streaming it here
 #   --dry_run                 print every command instead of running it
-# Arguments after `--` go to mae_jax.main unchanged.
+# Arguments after `--` go to mae_jax.main unchanged (and to the plan).
+#
+# Every worker gets its own virtual environment (~/mae_jax_venv) of a Python that jax supports
+# (3.11 or newer: the TPU images ship 3.10, so python3.11 comes from Ubuntu's packages when no
+# newer one is there), with mae_jax[tpu]: the jax version the tests ran with and its libtpu.
 set -euo pipefail
 
 usage() {
@@ -40,7 +49,9 @@ die() {
 
 name="" zone="" accelerator_type="" runtime_version="" project=""
 repo="" branch=main config="" workdir="" steps=create,install,run
-queued=false spot=false detach=false dry_run=false
+queued=false spot=false detach=false dry_run=false plan=false force_create=false
+python=${PYTHON:-python3}  # runs the plan here
+poll_s=${TPU_POD_POLL_S:-60}
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name=*) name=${1#*=} ;;
@@ -57,6 +68,8 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=true ;;
     --detach) detach=true ;;
     --dry_run) dry_run=true ;;
+    --plan) plan=true ;;
+    --create_even_if_it_does_not_fit) force_create=true ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
     *) usage; die "unknown argument '$1' (options take the form --flag=value)." ;;
@@ -86,15 +99,22 @@ if has_step create; then
       v6e) runtime_version=v2-alpha-tpuv6e ;;
     esac
   fi
-  # v2-v4 and v5p types count TensorCores (2 a chip), v5e and v6e count chips; multi-host
-  # slices have 4 chips a host, single hosts up to 8.
+  # v2-v4 and v5p types count TensorCores (2 a chip), v5e and v6e count chips (the same table
+  # as mae_jax/plan.py). v2-v5p hosts hold 4 chips each; v5e and v6e slices of up to 8 chips
+  # are one host, larger ones 4 chips a host.
   size=${accelerator_type##*-}
   case "${accelerator_type%-*}" in
-    v5litepod | v6e) chips=$size ;;
-    *) chips=$((size / 2)) ;;
+    v5litepod | v6e) chips=$size per_host=4 single_host=8 ;;
+    *) chips=$((size / 2)) per_host=4 single_host=4 ;;
   esac
-  hosts=$((chips <= 8 ? 1 : chips / 4))
+  ((chips >= 1 && (chips & (chips - 1)) == 0)) ||
+    die "--accelerator_type=$accelerator_type: the size must be a power of two (v4-32, v5litepod-16, ...)."
+  hosts=$((chips <= single_host ? 1 : chips / per_host))
   echo "# $accelerator_type: $chips chips on $hosts TPU VM worker(s), one JAX process each."
+fi
+if $plan; then
+  has_step create || die "--plan checks a slice before creating it; add create to --steps."
+  [[ -n $config ]] || die "--plan needs --config, e.g. --config=configs/vit_l.py."
 fi
 if has_step install; then
   [[ -n $repo ]] || die "--repo is required to install mae_jax (a git URL every worker can clone)."
@@ -142,45 +162,111 @@ on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_flags[@]}" --worker=all --command="$1"
 }
 
+# The plan: the run's own train step compiled here for this slice; no slice when it does not fit.
+if $plan; then
+  plan_cmd=("$python" -m mae_jax.plan --config="$config" --topology="$accelerator_type"
+            "${extra_args[@]}")
+  if $dry_run; then
+    echo "# compiled here first; create only if it fits:"
+    run "${plan_cmd[@]}"
+  else
+    status=0
+    "${plan_cmd[@]}" || status=$?
+    if ((status == 1)) && ! $force_create; then
+      die "the config does not fit on $accelerator_type (see the plan above, and its suggested overrides); nothing was created. Pass --create_even_if_it_does_not_fit to create it anyway."
+    elif ((status == 1)); then
+      echo "tpu_pod.sh: the config does not fit on $accelerator_type; creating it anyway (--create_even_if_it_does_not_fit)." >&2
+    elif ((status != 0)); then
+      die "the plan failed (exit status $status); nothing was created."
+    fi
+  fi
+fi
+
+# The state of an existing resource: its state, "" when there is none; any other error stops.
+existing_state() {
+  local out status=0
+  out=$("$@" 2>&1) || status=$?
+  if ((status == 0)); then
+    echo "$out"
+  elif [[ $out == *NOT_FOUND* || $out == *"not found"* ]]; then
+    echo ""
+  else
+    echo "tpu_pod.sh: '$*' failed (exit status $status): $out" >&2
+    return 1
+  fi
+}
+
 if has_step create; then
   spot_flag=()
   ! $spot || spot_flag=(--spot)
   if $queued; then
-    run gcloud compute tpus queued-resources create "$name" --node-id="$name" \
+    kind=(gcloud compute tpus queued-resources)
+    describe=("${kind[@]}" describe "$name" "${gcloud_flags[@]}" --format='value(state.state)')
+    delete=("${kind[@]}" delete "$name" "${gcloud_flags[@]}" --force --quiet)
+    gone_states="FAILED SUSPENDED"  # a preempted Spot slice leaves its queued resource SUSPENDED
+  else
+    kind=(gcloud compute tpus tpu-vm)
+    describe=("${kind[@]}" describe "$name" "${gcloud_flags[@]}" --format='value(state)')
+    delete=("${kind[@]}" delete "$name" "${gcloud_flags[@]}" --quiet)
+    gone_states="PREEMPTED TERMINATED"  # Spot TPUs cannot be restarted, only deleted
+  fi
+  create_it=true
+  if $dry_run; then
+    echo "# if $name exists: reused when it is up; deleted first when it is one of: $gone_states"
+    run "${describe[@]}"
+  else
+    state=$(existing_state "${describe[@]}") || exit 1
+    if [[ -n $state && " $gone_states " == *" $state "* ]]; then
+      echo "tpu_pod.sh: $name is $state (Spot capacity taken back); deleting it to create it again." >&2
+      "${delete[@]}"
+    elif [[ -n $state ]]; then
+      echo "tpu_pod.sh: $name exists ($state); using it." >&2
+      create_it=false
+    fi
+  fi
+  if $create_it && $queued; then
+    run "${kind[@]}" create "$name" --node-id="$name" \
       "${gcloud_flags[@]}" --accelerator-type="$accelerator_type" \
       --runtime-version="$runtime_version" "${spot_flag[@]}"
-    describe=(gcloud compute tpus queued-resources describe "$name" "${gcloud_flags[@]}"
-              --format='value(state.state)')
-    if $dry_run; then
-      echo "# repeated every 60 s until it prints ACTIVE:"
-      run "${describe[@]}"
-    else
-      while state=$("${describe[@]}") && [[ $state != ACTIVE ]]; do
-        [[ $state != FAILED && $state != SUSPENDED ]] ||
-          die "queued resource $name is $state; inspect it with: gcloud compute tpus queued-resources describe $name ${gcloud_flags[*]}"
-        echo "tpu_pod.sh: queued resource $name is $state; waiting." >&2
-        sleep 60
-      done
-    fi
-  else
-    run gcloud compute tpus tpu-vm create "$name" "${gcloud_flags[@]}" \
+  elif $create_it; then
+    run "${kind[@]}" create "$name" "${gcloud_flags[@]}" \
       --accelerator-type="$accelerator_type" --version="$runtime_version" "${spot_flag[@]}"
+  fi
+  if $queued && $dry_run; then
+    echo "# repeated every $poll_s s until it prints ACTIVE:"
+    run "${describe[@]}"
+  elif $queued; then
+    while true; do
+      state=$(existing_state "${describe[@]}") || exit 1
+      [[ $state != ACTIVE ]] || break
+      [[ -n $state ]] || die "queued resource $name is gone; inspect it with: ${describe[*]}"
+      [[ " $gone_states " != *" $state "* ]] ||
+        die "queued resource $name is $state; inspect it with: ${describe[*]}"
+      echo "tpu_pod.sh: queued resource $name is $state; waiting." >&2
+      sleep "$poll_s"
+    done
   fi
 fi
 
 if has_step install; then
-  # A fresh clone, or the branch's newest commit in an existing one; then JAX for TPUs and
-  # mae_jax, editable so that configs/ stays next to the code.
+  # A fresh clone, or the branch's newest commit in an existing one; then a virtual environment
+  # of a Python that jax supports and mae_jax[tpu] in it (the pinned jax and its libtpu),
+  # editable so that configs/ stays next to the code.
   on_all_workers "set -e; if [ -d ~/mae_jax/.git ]; then \
 git -C ~/mae_jax fetch --depth=1 origin $(quote "$branch") \
 && git -C ~/mae_jax checkout --force -B $(quote "$branch") FETCH_HEAD; \
 else git clone --depth=1 --branch=$(quote "$branch") $(quote "$repo") ~/mae_jax; fi; \
-python3 -m pip install --upgrade pip; \
-python3 -m pip install --upgrade \"jax[tpu]\" -e ~/mae_jax"
+py=; for v in python3.13 python3.12 python3.11; do if command -v \$v >/dev/null; then py=\$v; break; fi; done; \
+if [ -z \"\$py\" ]; then sudo apt-get update -qq \
+&& sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv; py=python3.11; fi; \
+[ -x ~/mae_jax_venv/bin/python ] || \$py -m venv ~/mae_jax_venv; \
+~/mae_jax_venv/bin/python -m pip install --upgrade pip; \
+~/mae_jax_venv/bin/python -m pip install -e \"\$HOME/mae_jax[tpu]\""
 fi
 
 if has_step run; then
-  main="python3 -m mae_jax.main"
+  # shellcheck disable=SC2088  # the tilde expands on the workers
+  main="~/mae_jax_venv/bin/python -m mae_jax.main"
   for word in --config="$config" --workdir="$workdir" "${extra_args[@]}"; do
     main+=" $(quote "$word")"
   done

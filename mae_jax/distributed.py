@@ -1,12 +1,16 @@
-"""Joining JAX's multi-host runtime: Cloud TPU pod slices, SLURM jobs, or explicit coordinates.
+"""Joining JAX's multi-host runtime: Cloud TPU pod slices, SLURM, Open MPI, Kubernetes, MPI.
 
 `initialize()` must run before anything touches a device. Which job this process belongs to
 is read, in this order, from explicit arguments / flags / MAE_JAX_* environment variables (what
-launch/local_pod.sh sets), from SLURM's srun environment, or from the Cloud TPU VM's metadata;
-a lone process (none of these) is left alone.
+launch/local_pod.sh sets), from SLURM's srun environment, from the Cloud TPU VM's metadata, and
+then from the other clusters that `jax.distributed.initialize()` detects by itself: Open MPI's
+`mpirun` (OMPI_MCA_orte_hnp_uri), a Kubernetes Indexed Job (with the `kubernetes` package:
+`pip install "jax[k8s]"`) and any other MPI launch through mpi4py. A lone process (none of
+these) is left alone. The log says which cluster was found.
 """
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 
@@ -34,12 +38,18 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 # script itself (a single process there).
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                "SLURM_LOCALID")
+# Open MPI's mpirun up to version 4 (what jax's own Open MPI detection reads).
+_OMPI_URI = "OMPI_MCA_orte_hnp_uri"
+# World sizes that MPI launchers set (Open MPI of any version, PMIx, MPICH / Intel MPI's PMI,
+# MVAPICH): a launch that jax's Open MPI detection does not read goes through mpi4py.
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How this process joins its job; `initialize` carries it out."""
-  source: str  # "single", "explicit", "slurm" or "cloud_tpu"
+  # "single", "explicit", "slurm", "cloud_tpu", "open_mpi", "kubernetes" or "mpi4py"
+  source: str
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -48,6 +58,8 @@ class Plan:
   num_cpu_devices: int | None = None
   # Cross-process collectives for CPU devices (gloo), needed by CPU-only pods.
   cpu_collectives: bool = False
+  # jax.distributed.initialize's cluster_detection_method (None: its own detection).
+  cluster_detection_method: str | None = None
 
 
 def _int(value: str | int | None, name: str) -> int | None:
@@ -66,9 +78,14 @@ def _visible_gpu_count(env: Mapping[str, str]) -> int | None:
   return _int(env.get("SLURM_GPUS_ON_NODE"), "SLURM_GPUS_ON_NODE")
 
 
+def _installed(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
 def plan(env: Mapping[str, str], *, coordinator_address: str | None = None,
          num_processes: int | None = None, process_id: int | None = None,
-         num_cpu_devices: int | None = None, on_cloud_tpu: bool = False) -> Plan:
+         num_cpu_devices: int | None = None, on_cloud_tpu: bool = False,
+         installed=_installed) -> Plan:
   """Decides how this process joins its job from arguments, then `env`, then the platform."""
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
   num_processes = _int(num_processes if num_processes is not None
@@ -115,6 +132,32 @@ def plan(env: Mapping[str, str], *, coordinator_address: str | None = None,
     # single-host slice this makes a job of one, which costs nothing.
     return Plan("cloud_tpu", num_cpu_devices=num_cpu_devices)
 
+  # The clusters jax.distributed.initialize() knows itself. Each is taken only when it is a job
+  # of several processes, and a launch that cannot be joined stops with the fix: each process
+  # training alone, unaware of the others, would be worse.
+  mpi_sizes = [_int(env[name], name) for name in _MPI_SIZE_VARS if name in env]
+  if mpi_sizes and max(mpi_sizes) > 1:
+    if _OMPI_URI in env:
+      return Plan("open_mpi", num_cpu_devices=num_cpu_devices, cpu_collectives=cpu_only,
+                  cluster_detection_method="ompi")
+    if installed("mpi4py"):
+      return Plan("mpi4py", num_cpu_devices=num_cpu_devices, cpu_collectives=cpu_only,
+                  cluster_detection_method="mpi4py")
+    raise ValueError(f"This process was started by MPI as one of {max(mpi_sizes)} processes, "
+                     f"but jax can join that job only through Open MPI's {_OMPI_URI} (not set) "
+                     f"or mpi4py (not installed): pip install mpi4py, or start the processes "
+                     f"with --coordinator_address, --num_processes and --process_id.")
+  if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+    # An Indexed Job: jax reads the process count from the Job and the coordinator from its
+    # pods through the Kubernetes API.
+    if not installed("kubernetes"):
+      raise ValueError("This process is one pod of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX"
+                       f"={env['JOB_COMPLETION_INDEX']}), and jax finds the other pods through "
+                       "the `kubernetes` package, which is not installed: pip install "
+                       "\"jax[k8s]\" (or pass --coordinator_address, --num_processes and "
+                       "--process_id).")
+    return Plan("kubernetes", num_cpu_devices=num_cpu_devices, cpu_collectives=cpu_only)
+
   return Plan("single", num_cpu_devices=num_cpu_devices)
 
 
@@ -144,6 +187,8 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   if p.num_cpu_devices is not None:
     jax.config.update("jax_num_cpu_devices", p.num_cpu_devices)
   if p.source == "single":
+    logging.info("No multi-process job found (explicit settings, SLURM, Cloud TPU, Open MPI, "
+                 "Kubernetes, MPI): running as a single process.")
     return p
   if jax.distributed.is_initialized():
     raise RuntimeError("jax.distributed is already initialized; call "
@@ -154,7 +199,8 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=p.coordinator_address,
                              num_processes=p.num_processes, process_id=p.process_id,
-                             local_device_ids=p.local_device_ids)
+                             local_device_ids=p.local_device_ids,
+                             cluster_detection_method=p.cluster_detection_method)
   logging.info("Joined a %s job as process %d of %d: %d local of %d devices.", p.source,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
