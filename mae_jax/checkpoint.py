@@ -26,6 +26,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mae_jax import writers
+
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"
 PARAMS = "params"
@@ -195,7 +197,7 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
       n = 1
       while target.exists():  # the same step may be damaged again in a later run
         target, n = damaged / f"{step}.{n}", n + 1
-      (epath.Path(mngr.directory) / str(step)).rename(target)
+      writers.move_tree(epath.Path(mngr.directory) / str(step), target)
       logging.warning("Moved the damaged checkpoint of step %d to %s.", step, target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("mae_jax: damaged checkpoints set aside")

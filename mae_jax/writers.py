@@ -3,9 +3,18 @@
 TensorBoard events are written with tensorboard's record format and protos over a plain file,
 without TensorFlow (tensorboard's own EventFileWriter would import it when it is installed).
 Only the writer of process 0 is enabled, so a multi-host job writes each file once.
+
+Object stores (a `gs://` workdir, or any other URI) cannot append to an object or rename one:
+`etils.epath` reaches GCS through TensorFlow's GCS file system when TensorFlow is installed
+(an append there downloads and uploads the whole object again) and through fsspec's gcsfs
+otherwise, or for zonal buckets (which refuses mode "a"). There every file is written whole,
+once: metrics.jsonl is rewritten (at most every `object_store_flush_s` seconds, and at close)
+from the rows held in memory, and TensorBoard events go into a new event file per flush, which
+TensorBoard reads in order as one run.
 """
 
 import io
+import itertools
 import json
 import os
 import socket
@@ -17,6 +26,30 @@ import numpy as np
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+_EVENT_FILES = itertools.count()  # tells apart the event files one process starts in a second
+
+
+def is_object_store(path: Any) -> bool:
+  """Whether `path` is a URI (gs://, s3://, ...): a store without appends or renames."""
+  return "://" in os.fspath(path)
+
+
+def move_tree(src: epath.Path, dst: epath.Path) -> None:
+  """Moves a folder: a rename on a file system, a copy of each file and then a delete of the
+  source on an object store (which has no rename; the source goes only once all is copied)."""
+  if not is_object_store(src):
+    src.rename(dst)
+    return
+  def copy(folder: epath.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+      if child.is_dir():
+        copy(child, target / child.name)
+      else:
+        child.copy(target / child.name)
+
+  copy(src, dst)
+  src.rmtree()
 
 
 def format_duration(seconds: float) -> str:
@@ -37,18 +70,25 @@ def read_metrics(workdir: str) -> list:
 
 
 class _EventFile:
-  """One TensorBoard event file (TFRecord framing of `Event` protos)."""
+  """TensorBoard event files (TFRecord framing of `Event` protos) in one log directory.
 
-  def __init__(self, logdir: epath.Path):
+  On a file system one file, flushed after each write; on an object store the events since the
+  last flush go into a new file at each flush (TensorBoard reads the files in name order)."""
+
+  def __init__(self, logdir: epath.Path, *, object_store: bool = False):
     # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.proto import summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     # pylint: enable=g-import-not-at-top
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._record_writer = RecordWriter
     logdir.mkdir(parents=True, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._file = (logdir / name).open("wb")
+    self._name = logdir / (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                           f"{os.getpid()}.{next(_EVENT_FILES)}")
+    self._object_store = object_store
+    self._part = 0
+    self._file = io.BytesIO() if object_store else self._name.open("wb")
     self._records = RecordWriter(self._file)
     self._write(file_version="brain.Event:2")
 
@@ -74,41 +114,85 @@ class _EventFile:
     self._write(step, summary=summary)
 
   def flush(self) -> None:
-    self._records.flush()
+    if not self._object_store:
+      self._records.flush()
+      return
+    data = self._file.getvalue()
+    if data:
+      # Zero-padded parts keep the name order the write order.
+      self._name.with_name(f"{self._name.name}.{self._part:06d}").write_bytes(data)
+      self._part += 1
+      self._file = io.BytesIO()
+      self._records = self._record_writer(self._file)
 
   def close(self) -> None:
-    self._records.close()
+    self.flush()
+    if not self._object_store:
+      self._records.close()
 
 
 class MetricWriter:
   """Rows of scalars to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard); images to
-  TensorBoard. Disabled (a no-op) on processes other than 0."""
+  TensorBoard. Disabled (a no-op) on processes other than 0. On an object store (gs://...) the
+  files are written whole, at most every `object_store_flush_s` seconds and at `close` (see the
+  module docstring): a crash there loses at most that many seconds of rows."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               object_store_flush_s: float = 30.0):
     self._enabled = enabled
     self._workdir = epath.Path(workdir)
     self._events: Optional[_EventFile] = None
+    self._object_store = is_object_store(workdir)
+    self._flush_s = object_store_flush_s
+    self._flushed_at = time.monotonic()
+    self._text = ""  # metrics.jsonl as it is to be written, on an object store
+    self._dirty = False
     if enabled:
       self._workdir.mkdir(parents=True, exist_ok=True)
-      self._events = _EventFile(self._workdir / "tensorboard")
+      self._events = _EventFile(self._workdir / "tensorboard", object_store=self._object_store)
+      metrics = self._workdir / METRICS_FILE
+      if self._object_store and metrics.exists():  # a resumed run keeps the earlier rows
+        self._text = metrics.read_text()
 
   def write_scalars(self, step: int, row: Mapping[str, Any]) -> None:
-    """Appends `row` (which holds `step`) to metrics.jsonl and its numbers to TensorBoard."""
+    """Adds `row` (which holds `step`) to metrics.jsonl and its numbers to TensorBoard."""
     if not self._enabled:
       return
-    with (self._workdir / METRICS_FILE).open("a") as f:
-      f.write(json.dumps({"step": step, **row}) + "\n")
+    line = json.dumps({"step": step, **row}) + "\n"
     self._events.scalars(step, {k: v for k, v in row.items() if k != "step"})
+    if self._object_store:
+      self._text += line
+      self._dirty = True
+      self._flush(force=False)
+      return
+    with (self._workdir / METRICS_FILE).open("a") as f:
+      f.write(line)
     self._events.flush()
 
   def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
     """An HxWx3 uint8 image to TensorBoard."""
     if self._enabled:
       self._events.image(step, tag, image)
-      self._events.flush()
+      self._dirty = True
+      self._flush(force=not self._object_store)
+
+  def _flush(self, *, force: bool) -> None:
+    if not (force or time.monotonic() - self._flushed_at >= self._flush_s):
+      return
+    if self._object_store and self._dirty:
+      (self._workdir / METRICS_FILE).write_text(self._text)
+    self._events.flush()
+    self._dirty = False
+    self._flushed_at = time.monotonic()
+
+  def flush(self) -> None:
+    """Writes out everything held (on an object store; elsewhere it is written already)."""
+    if self._events is not None:
+      self._flush(force=True)
 
   def close(self) -> None:
     if self._events is not None:
+      self.flush()
       self._events.close()
       self._events = None
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mae_jax import writers
 
@@ -82,3 +83,113 @@ def test_format_duration():
   assert writers.format_duration(59.6) == "0:01:00"
   assert writers.format_duration(3 * 3600 + 62) == "3:01:02"
   assert writers.format_duration(2 * 86400 + 5) == "2d 0:00:05"
+
+
+# --- object stores (gs://) ------------------------------------------------------------------
+
+@pytest.fixture
+def object_store(monkeypatch):
+  """gs:// served by an in-memory stand-in that, as GCS, refuses appends and renames, reached
+  the way etils.epath reaches GCS without TensorFlow (fsspec)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from etils.epath import backend, gpath  # pylint: disable=g-import-not-at-top
+  from fsspec.implementations.memory import MemoryFileSystem  # pylint: disable=g-import-not-at-top
+
+  class ObjectStore(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store = {}  # its own objects, not MemoryFileSystem's shared ones
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return super()._strip_protocol(str(path).removeprefix("gs://").removeprefix("gcs://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+      if "a" in mode or "+" in mode:
+        raise ValueError(f"mode {mode!r}: objects cannot be appended to or updated")
+      return super()._open(path, mode, **kwargs)
+
+    def mv(self, *args, **kwargs):
+      raise OSError("an object store has no rename")
+
+    rename = mv
+
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  for name in ("gs", "gcs"):
+    # fsspec's registry of implementations (`fsspec.registry` is a read-only view of it).
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name,  # pylint: disable=protected-access
+                        ObjectStore)
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  yield ObjectStore
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def test_the_stand_in_refuses_what_gcs_refuses(object_store):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path("gs://bucket/x.txt")
+  path.write_text("a\n")
+  with pytest.raises(ValueError, match="appended"):
+    path.open("a")
+  with pytest.raises(OSError, match="no rename"):
+    path.rename(epath.Path("gs://bucket/y.txt"))
+
+
+def test_gs_workdir_writes_whole_files_and_keeps_earlier_rows(object_store):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = "gs://bucket/run"
+  writer = writers.MetricWriter(workdir, object_store_flush_s=0)
+  writer.write_scalars(10, {"loss": 0.5})
+  writer.write_image(10, "reconstruction", np.zeros((8, 12, 3), np.uint8))
+  writer.write_scalars(20, {"loss": 0.25})
+  writer.close()
+  # A resumed run adds its rows after the earlier ones.
+  writer = writers.MetricWriter(workdir, object_store_flush_s=0)
+  writer.write_scalars(30, {"loss": 0.125})
+  writer.close()
+  assert writers.read_metrics(workdir) == [
+      {"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.25}, {"step": 30, "loss": 0.125}]
+  logdir = epath.Path(workdir) / "tensorboard"
+  events = _events(logdir)
+  assert sum(e.file_version == "brain.Event:2" for e in events) == 2  # one per run
+  assert [(e.step, v.simple_value) for e in events for v in e.summary.value
+          if v.HasField("simple_value")] == [(10, 0.5), (20, 0.25), (30, 0.125)]
+  assert sum(v.HasField("image") for e in events for v in e.summary.value) == 1
+
+
+def test_gs_workdir_writes_at_most_every_flush_interval_and_at_close(object_store):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  writer = writers.MetricWriter("gs://bucket/slow", object_store_flush_s=3600)
+  writer.write_scalars(1, {"loss": 1.0})
+  writer.write_scalars(2, {"loss": 0.5})
+  assert not (epath.Path("gs://bucket/slow") / writers.METRICS_FILE).exists()
+  writer.flush()
+  assert [r["step"] for r in writers.read_metrics("gs://bucket/slow")] == [1, 2]
+  writer.write_scalars(3, {"loss": 0.25})
+  writer.close()
+  assert [r["step"] for r in writers.read_metrics("gs://bucket/slow")] == [1, 2, 3]
+
+
+def test_every_other_run_file_goes_to_gs(object_store, tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint, visualize  # pylint: disable=g-import-not-at-top
+  workdir = "gs://bucket/files"
+  checkpoint.write_config(workdir, ml_collections.ConfigDict({"seed": 3}))
+  assert '"seed": 3' in (epath.Path(workdir) / checkpoint.CONFIG_JSON).read_text()
+  visualize.save_png(np.zeros((4, 4, 3), np.uint8), f"{workdir}/reconstruction_00000001.png")
+  assert (epath.Path(workdir) / "reconstruction_00000001.png").read_bytes()[:4] == b"\x89PNG"
+  checkpoint.check_workdir(workdir, checkpoint_bytes=1, keep=1)
+  # A damaged checkpoint set aside: copied file by file, then the source deleted.
+  src = epath.Path(workdir) / "checkpoints" / "7"
+  (src / "state").mkdir(parents=True)
+  (src / "state" / "a.bin").write_bytes(b"123")
+  (src / "_METADATA").write_text("{}")
+  dst = epath.Path(workdir) / checkpoint.DAMAGED / "7"
+  writers.move_tree(src, dst)
+  assert not src.exists()
+  assert (dst / "state" / "a.bin").read_bytes() == b"123"
+  assert (dst / "_METADATA").read_text() == "{}"
+  # On a file system it stays one rename.
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  writers.move_tree(epath.Path(tmp_path / "a"), epath.Path(tmp_path / "c"))
+  assert (tmp_path / "c" / "b").is_dir() and not (tmp_path / "a").exists()
