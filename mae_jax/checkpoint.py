@@ -17,10 +17,12 @@ import dataclasses
 import json
 import os
 import shutil
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -59,12 +61,98 @@ def _config_reader(path: epath.Path) -> Optional[Callable[[], ml_collections.Con
   return lambda: ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+# --- checksums ----------------------------------------------------------------------------------
+# Orbax verifies no array bytes: TensorStore's zarr3 layout checks a crc32c of each shard's
+# index only, and the default zarr2 layout nothing, so a flipped byte restores silently. Each
+# step folder therefore carries CHECKSUMS, the CRC-32 and size of every file in it, written by
+# process 0 into the temporary folder after all processes have written and before Orbax commits
+# it by renaming (so a committed checkpoint has its checksums, or was written before they
+# existed), and verified before anything restores from the folder.
+CHECKSUMS = "checksums.json"
+# Orbax rewrites its step metadata, and marks a commit in place on object stores, after the
+# callback: files the checksums leave out (a damaged one fails to read anyway).
+_UNCHECKED = (CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt")
+_CHUNK = 16 << 20
+
+
+def _crc32(path: epath.Path) -> int:
+  crc = 0
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(folder: epath.Path) -> List[epath.Path]:
+  """Every file below `folder` but _UNCHECKED (a listing per folder: object stores too)."""
+  out = []
+  for p in folder.iterdir():
+    if p.is_dir():
+      out += _files(p)
+    elif p.name not in _UNCHECKED:
+      out.append(p)
+  return sorted(out)
+
+
+def write_checksums(folder: str) -> None:
+  """Writes FOLDER/checksums.json: {"crc32": {relative path: [size in bytes, CRC-32]}}."""
+  folder = epath.Path(folder)
+  table = {str(p.relative_to(folder)): [p.stat().length, _crc32(p)] for p in _files(folder)}
+  (folder / CHECKSUMS).write_text(json.dumps({"crc32": table}, indent=0, sort_keys=True))
+
+
+class ChecksumError(OSError):
+  """A checkpoint's bytes differ from those its checksums.json recorded."""
+
+
+def verify_checksums(folder: str, under: Optional[str] = None) -> bool:
+  """Raises ChecksumError naming each file of FOLDER (or of its subfolder `under`) whose size or
+  CRC-32 differs from FOLDER/checksums.json, or that is gone; False when the folder has no
+  checksums (written before they existed, or by other code), True when all match."""
+  folder = epath.Path(folder)
+  if not (folder / CHECKSUMS).exists():
+    return False
+  table = json.loads((folder / CHECKSUMS).read_text())["crc32"]
+  bad = []
+  for name, (size, crc) in sorted(table.items()):
+    if under is not None and not name.startswith(under.rstrip("/") + "/"):
+      continue
+    path = folder / name
+    if not path.exists():
+      bad.append(f"{path} is gone")
+    elif path.stat().length != size:
+      bad.append(f"{path} has {path.stat().length} bytes, {size} when saved")
+    elif _crc32(path) != crc:
+      bad.append(f"{path} has other bytes than when saved (CRC-32 differs)")
+  if bad:
+    raise ChecksumError(f"failed its checksums ({folder / CHECKSUMS}): " + "; ".join(bad[:5]))
+  return True
+
+
+def _checksum_pending_save(checkpoints: epath.Path) -> None:
+  """Orbax's post-finalization callback (process 0, all processes' writes done, not yet
+  renamed): checksums into the folder of the save in flight. Orbax runs one save at a time, so
+  that is the only temporary folder; where Orbax writes in place (object stores, no rename), the
+  newest step folder without checksums."""
+  pending = sorted(checkpoints.glob("*.orbax-checkpoint-tmp*"))
+  if not pending:
+    steps = [p for p in checkpoints.iterdir() if p.name.isdigit()
+             and not (p / CHECKSUMS).exists()]
+    pending = sorted(steps, key=lambda p: int(p.name))[-1:]
+  for folder in pending:
+    write_checksums(folder)
+
+
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  """Asynchronous checkpoints in WORKDIR/checkpoints/<step>, keeping the newest `keep`."""
+  """Asynchronous checkpoints in WORKDIR/checkpoints/<step>, keeping the newest `keep`, each
+  with its checksums (see CHECKSUMS)."""
+  checkpoints = epath.Path(absolute(workdir)) / CHECKPOINTS
   # cleanup_tmp_directories: deletes what a save killed half-way left behind.
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(epath.Path(absolute(workdir)) / CHECKPOINTS, options=options)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True, create=True,
+      cleanup_tmp_directories=True, async_options=ocp.AsyncOptions(
+          post_finalization_callback=lambda: _checksum_pending_save(checkpoints)))
+  return ocp.CheckpointManager(checkpoints, options=options)
 
 
 def _items(state, arg: Callable) -> Dict[str, Any]:
@@ -204,38 +292,72 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: List[int]) -> None:
   mngr.reload()
 
 
+def _same_on_every_process(steps: List[int]) -> List[int]:
+  """Process 0's list of steps, on every process (each may see another listing of a shared
+  folder, e.g. a checkpoint not yet visible to all)."""
+  if jax.process_count() == 1:
+    return steps
+  longest = int(multihost_utils.process_allgather(np.int32(len(steps))).max())
+  padded = np.full((longest,), -1, np.int64)
+  padded[:len(steps)] = steps
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
+
+
+def _readable_everywhere(ok: bool) -> np.ndarray:
+  """Whether each process found a checkpoint readable ([process_count] bool)."""
+  if jax.process_count() == 1:
+    return np.asarray([ok])
+  return np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1).astype(bool)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
                    config: Optional[ml_collections.ConfigDict] = None):
-  """The newest checkpoint that restores, into `abstract_state`'s shapes and shardings; None when
-  there is none.
+  """The newest checkpoint that every process can read, restored into `abstract_state`'s shapes
+  and shardings; None when there is none.
 
-  A half-written checkpoint is never a candidate (see the module docstring). One that fails to
-  read is logged with its error and set aside, and the next older one tried. WrongModelError
-  when the checkpoint is of another model than `config` (or `abstract_state`); RuntimeError when
+  A half-written checkpoint is never a candidate (see the module docstring). From the newest
+  down, each process checks a step (its metadata and saved config, then every file against its
+  checksums); the processes agree on the newest step that all of them can read, and restore that
+  one together, so that they never resume from different steps. The newer ones, damaged for at
+  least one process, are logged with their error and set aside. WrongModelError when a
+  checkpoint is of another model than `config` (or `abstract_state`); RuntimeError when
   checkpoints exist but none restores, rather than silently starting from scratch.
   """
   failures = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  for step in _same_on_every_process(sorted(mngr.all_steps(), reverse=True)):
     path = epath.Path(mngr.directory) / str(step)
+    error = None
     try:
+      if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not visible to process {jax.process_index()}")
       saved, stored_params = _read_description(path)
       _check_same_model(path, saved, config, stored_params, abstract_state.params)
-      items = _items(abstract_state, ocp.args.StandardRestore)
-      restored = mngr.restore(step, args=ocp.args.Composite(**items))
+      verify_checksums(path)
     except WrongModelError:
       raise
     # TensorStore reports a truncated or missing file as a bare Exception: anything that stops a
     # committed checkpoint from reading means it is damaged.
     except Exception as e:  # pylint: disable=broad-exception-caught
-      failures.append((step, e))
-    else:
-      if failures:
-        _set_aside(mngr, [s for s, _ in failures])
-      logging.info("Resumed from %s.", path)
-      return abstract_state.replace(**{k: restored[k] for k in items if k != "meta"},
-                                    step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+      error = e
+    readable = _readable_everywhere(error is None)
+    if readable.all():
+      items = _items(abstract_state, ocp.args.StandardRestore)
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        error = e
+      readable = _readable_everywhere(error is None)  # all restored it, or all go on
+      if readable.all():
+        if failures:
+          _set_aside(mngr, [s for s, _ in failures])
+        logging.info("Resumed from %s.", path)
+        return abstract_state.replace(**{k: restored[k] for k in items if k != "meta"},
+                                      step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+    if error is None:
+      error = RuntimeError(f"process(es) {np.flatnonzero(~readable).tolist()} cannot read it")
+    failures.append((step, error))
     logging.warning("The checkpoint %s is damaged, trying the one before it: %s", path,
-                    _summary(failures[-1][1]))
+                    _summary(error))
   if failures:
     raise RuntimeError(
         f"No checkpoint in {mngr.directory} restores, so the run stops instead of starting from "
@@ -254,6 +376,8 @@ def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict,
     checkpointer.save(epath.Path(absolute(workdir)) / BATCH_STATS, batch_stats, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
+    for item in (PARAMS, BATCH_STATS) if batch_stats else (PARAMS,):
+      write_checksums(epath.Path(absolute(workdir)) / item)
     write_config(workdir, config)
 
 
@@ -330,6 +454,12 @@ def _is_npz(path: str) -> bool:
     return f.read(4) == b"PK\x03\x04"
 
 
+def _verify_item(item: epath.Path) -> None:
+  """Checks an item folder against its own checksums (WORKDIR/params) or its step's."""
+  if not verify_checksums(item):
+    verify_checksums(item.parent, under=item.name)
+
+
 def load_variables(path: str, *, target: Any = None
                    ) -> Tuple[Params, Params, Optional[ml_collections.ConfigDict]]:
   """(params, batch_stats, config or None) from a workdir's newest training checkpoint or its
@@ -365,10 +495,12 @@ def load_variables(path: str, *, target: Any = None
         if problems:
           raise WrongModelError(f"The params in {params_dir} do not fit the config's model "
                                 f"(check config.model): " + "; ".join(problems[:8]))
+      _verify_item(params_dir)
       params = checkpointer.restore(params_dir, want)
       stats_dir = params_dir.parent / BATCH_STATS
       batch_stats = {}
       if (stats_dir / "_METADATA").exists():
+        _verify_item(stats_dir)
         batch_stats = checkpointer.restore(stats_dir, _on_one_device(
             checkpointer.metadata(stats_dir).item_metadata.tree))
       config = read_config() if read_config else None

@@ -43,7 +43,7 @@ def test_load_params_refuses_a_target_of_other_shapes_naming_the_param(tmp_path)
   checkpoint.save_params(str(tmp_path), _params(), config_lib.pretrain_config("vit_b"))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
   target["cls"] = jax.ShapeDtypeStruct((1, 1, 16), jnp.float32)
-  with pytest.raises(ValueError, match=r"\['cls'\] has shape \(1, 1, 8\), the model expects "
+  with pytest.raises(ValueError, match=r"cls has shape \(1, 1, 8\), the model expects "
                                        r"\(1, 1, 16\)"):
     checkpoint.load_params(str(tmp_path), target=target)
 

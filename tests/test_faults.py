@@ -142,6 +142,28 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(env, reference, 
                       _params(reference / "checkpoints" / "12"))
 
 
+def test_a_flipped_byte_fails_the_checksums_and_falls_back(reference, tmp_path, caplog):
+  _copy_checkpoints(reference, tmp_path)
+  ckpts = tmp_path / "checkpoints"
+  assert all((ckpts / str(s) / "checksums.json").exists() for s in _steps(tmp_path))
+  victim = _largest_array_file(ckpts / "12" / "params")
+  with open(victim, "r+b") as f:  # one bit of one byte, size unchanged: Orbax alone reads it
+    f.seek(os.path.getsize(victim) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+  params, _ = checkpoint.load_params(str(tmp_path))  # init_from, export, visualize fall back
+  _assert_same_params(params, _params(reference / "checkpoints" / "9"))
+  config = _tiny_config()
+  manager = checkpoint.manager(str(tmp_path), keep=10)
+  state = checkpoint.restore_latest(manager, _abstract_state(config), config)
+  manager.close()
+  assert int(state.step) == 9
+  damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(damaged) == 1 and f"{victim} has other bytes than when saved" in damaged[0]
+  assert (tmp_path / "damaged_checkpoints" / "12").is_dir()
+
+
 def _abstract_state(config):
   model = models.from_config(config.model)
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1))
