@@ -13,10 +13,15 @@ not read is set aside in WORKDIR/damaged_checkpoints/ and the one before it rest
 another model is refused, naming the fields that differ.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -171,9 +176,51 @@ def save(mngr: ocp.CheckpointManager, state, config: ml_collections.ConfigDict, 
   step = int(state.step)
   if step in mngr.all_steps():
     return
-  mngr.save(step, force=force, args=ocp.args.Composite(
-      **_items(state, ocp.args.StandardSave),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+  with _out_of_space_explained(mngr):
+    mngr.save(step, force=force, args=ocp.args.Composite(
+        **_items(state, ocp.args.StandardSave),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight (its errors surface here or at the next save), then closes."""
+  with _out_of_space_explained(mngr):
+    mngr.wait_until_finished()
+  mngr.close()
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error) or "ENOSPC" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _out_of_space_explained(mngr: ocp.CheckpointManager):
+  """An asynchronous save that ran out of disk raises here (at the next save or wait) as an
+  OSError(ENOSPC) that says which checkpoint was lost and which are intact: Orbax commits a step
+  by renaming its temporary folder, so the failed one never counts, and it deletes old steps
+  only after a commit, so none of those is lost."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if not _is_out_of_space(e):
+      raise
+    directory = epath.Path(mngr.directory)
+    failed = sorted(p.name.split(".")[0] for p in directory.glob("*.orbax-checkpoint-tmp*"))
+    intact = ocp.utils.checkpoint_steps(directory)
+    raise OSError(errno.ENOSPC, (
+        f"Out of disk space while saving the checkpoint of step {', '.join(failed) or '?'} in "
+        f"{directory} ({_summary(e)}). That checkpoint was not committed; the checkpoints of "
+        f"steps {sorted(intact)} are intact. Free some space (or lower "
+        f"config.keep_checkpoints, or move the workdir to a larger disk) and run the same "
+        f"command again: it resumes from step {max(intact, default=0)}.")) from e
 
 
 def check_workdir(workdir: str, *, checkpoint_bytes: int, keep: int) -> None:
@@ -525,3 +572,167 @@ def load_params(path: str, *, target: Any = None
   """(params, config or None) from any source `load_variables` reads (see there)."""
   params, _, config = load_variables(path, target=target)
   return params, config
+
+
+# --- one run per workdir --------------------------------------------------------------------------
+LOCK = "run.lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir."""
+
+
+def _boot_id() -> str:
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process: alive
+    return True
+  return True
+
+
+class WorkdirLock:
+  """WORKDIR/run.lock: one run per workdir, taken at start and released at the end.
+
+  The lock names the host and process id of its run and carries a heartbeat that a thread
+  renews every `heartbeat_s` seconds. A second run refuses to start, naming them. A lock is
+  stale, and taken over with a warning, when its run is gone: a process id no longer alive on
+  this host (same boot), a host that has rebooted since, or no heartbeat for `stale_after_s`
+  (a run on another host that died, or its whole machine). In a multi-host job only process 0
+  takes it, and every process learns the outcome (a broadcast), so all start or all refuse.
+
+  On a local or shared file system the lock file is created with O_CREAT | O_EXCL, which one
+  run alone can win. Object stores (gs://) have no such operation through epath: the lock is
+  written, then read back after a second, and a run whose token is not the one read back
+  refuses; two runs that start within that second of each other can both pass.
+  """
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 600.0):
+    self.path = epath.Path(absolute(workdir)) / LOCK
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self.held = False
+
+  def _record(self) -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+                       "token": self._token, "started": self._started,
+                       "heartbeat": time.time()}, indent=1) + "\n"
+
+  def _create(self) -> bool:
+    """Writes the lock unless one exists; whether this run now holds it."""
+    if "://" not in str(self.path):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        f.write(self._record())
+      return True
+    if self.path.exists():
+      return False
+    self.path.write_text(self._record())
+    time.sleep(1.0)
+    return (self._holder() or {}).get("token") == self._token
+
+  def _holder(self) -> Optional[Dict[str, Any]]:
+    try:
+      return json.loads(self.path.read_text())
+    except (OSError, ValueError):  # gone, or caught mid-write
+      return None
+
+  def _stale(self, holder: Optional[Dict[str, Any]]) -> Optional[str]:
+    """Why the lock's run is gone, or None when it may be alive."""
+    if holder is None:
+      try:
+        age = time.time() - self.path.stat().mtime
+      except OSError:
+        return "the lock vanished"
+      return f"an unreadable lock {age:.0f} s old" if age > self.stale_after_s else None
+    if holder.get("host") == socket.gethostname():
+      if holder.get("boot_id") and holder.get("boot_id") != _boot_id():
+        return f"host {holder['host']} has rebooted since"
+      if not _pid_alive(int(holder.get("pid", -1))):
+        return f"process {holder.get('pid')} on this host ({holder['host']}) has exited"
+    age = time.time() - float(holder.get("heartbeat", 0))
+    if age > self.stale_after_s:
+      return f"no heartbeat from it for {age:.0f} s"
+    return None
+
+  def _take(self) -> None:
+    for _ in range(3):
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if self._create():
+        return
+      holder = self._holder()
+      reason = self._stale(holder)
+      if reason is None:
+        who = (f"process {holder['pid']} on host {holder['host']} (started {holder['started']}, "
+               f"last heartbeat {time.time() - float(holder['heartbeat']):.0f} s ago)"
+               if holder else "a run whose lock is being written")
+        raise WorkdirBusyError(
+            f"{self.path.parent} is in use by another run: {who}. One workdir holds one run: "
+            f"wait for that run to end or stop it, or use another --workdir. If that run is "
+            f"gone, delete {self.path}.")
+      logging.warning("Taking over %s from a run that is gone (%s): %s", self.path, reason,
+                      holder)
+      try:
+        self.path.unlink()
+      except FileNotFoundError:
+        pass
+    raise WorkdirBusyError(f"Could not take {self.path}: other runs keep taking it.")
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if (self._holder() or {}).get("token") == self._token:
+          self.path.write_text(self._record())
+      except OSError as e:  # a full or unreachable disk must not stop training
+        logging.warning("Could not renew %s: %s", self.path, e)
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock (process 0) or raises WorkdirBusyError on every process."""
+    self._started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._take()
+        self.held = True
+      except WorkdirBusyError as e:
+        error = e
+    if jax.process_count() > 1:
+      ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not ok and error is None:
+        error = WorkdirBusyError(f"Process 0 could not take {self.path}; its log says why.")
+    if error is not None:
+      raise error
+    if self.held:
+      self._thread = threading.Thread(target=self._beat, name="mae_jax workdir lock",
+                                      daemon=True)
+      self._thread.start()
+    return self
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lock if this run still holds it."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    if self.held and (self._holder() or {}).get("token") == self._token:
+      self.path.unlink()
+    self.held = False
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

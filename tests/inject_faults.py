@@ -9,9 +9,13 @@ Environment variables choose the faults; steps count updates from 1, as the logs
   FAULT_KILL_AT_COMMIT=k     SIGKILL just before Orbax commits the checkpoint of step k: its
                              arrays are written in a temporary folder that is never renamed (an
                              asynchronous save cut short).
+  FAULT_ENOSPC_AT_SAVE=k     the disk is full while the checkpoint of step k is written: every
+                             file write inside its temporary folder that goes through epath
+                             (Orbax's JSON items, the checksums) fails with ENOSPC.
 """
 
 import contextlib
+import errno
 import os
 import runpy
 import signal
@@ -56,11 +60,27 @@ def _kill_before_commit(step: int) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
 
 
+def _disk_full_during_save(step: int) -> None:
+  """ENOSPC for every epath write into the temporary folder of the checkpoint of `step`."""
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  for name in ("write_text", "write_bytes"):
+    original = getattr(gpath.PosixGPath, name)
+
+    def write(self, *args, _original=original, **kwargs):
+      if f"/{step}.orbax-checkpoint-tmp" in str(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+      return _original(self, *args, **kwargs)
+
+    setattr(gpath.PosixGPath, name, write)
+
+
 def main() -> None:
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.create_iterator = _faulty_batches(input_pipeline.create_iterator)
   if _step_env("FAULT_KILL_AT_COMMIT"):
     _kill_before_commit(_step_env("FAULT_KILL_AT_COMMIT"))
+  if _step_env("FAULT_ENOSPC_AT_SAVE"):
+    _disk_full_during_save(_step_env("FAULT_ENOSPC_AT_SAVE"))
   sys.argv = ["mae_jax.main", *sys.argv[1:]]
   runpy.run_module("mae_jax.main", run_name="__main__", alter_sys=True)
 

@@ -1,5 +1,12 @@
 """mae_jax.checkpoint: params-only checkpoints and the training checkpoints' layout."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +118,44 @@ def test_load_params_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_pa
       workdir_tools.largest_array_file(tmp_path / "checkpoints" / "3" / "params"))
   with pytest.raises(RuntimeError, match=r"checkpoints/6/params.*checkpoints/3/params"):
     checkpoint.load_params(str(tmp_path))
+
+
+def test_one_run_per_workdir_and_a_dead_runs_lock_is_stale(tmp_path, caplog):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from mae_jax import checkpoint; "
+       "checkpoint.WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); "
+       "time.sleep(120)", str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(checkpoint.WorkdirBusyError,
+                       match=rf"{tmp_path} is in use by another run: process {holder.pid} on "
+                             rf"host {socket.gethostname()} \(started "):
+      checkpoint.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  # Killed without releasing: its lock names a process that no longer exists on this host.
+  with checkpoint.WorkdirLock(str(tmp_path)) as lock:
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert f"process {holder.pid} on this host" in caplog.text
+  assert not (tmp_path / checkpoint.LOCK).exists()  # released at the end
+
+
+def test_a_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path, caplog):
+  lock_file = tmp_path / checkpoint.LOCK
+  record = {"host": "tpu-worker-7", "pid": 4242, "boot_id": "x", "token": "t",
+            "started": "earlier", "heartbeat": time.time() - 5}
+  lock_file.write_text(json.dumps(record))
+  with pytest.raises(checkpoint.WorkdirBusyError, match="process 4242 on host tpu-worker-7"):
+    checkpoint.WorkdirLock(str(tmp_path)).acquire()
+  record["heartbeat"] = time.time() - 3600
+  lock_file.write_text(json.dumps(record))
+  lock = checkpoint.WorkdirLock(str(tmp_path), heartbeat_s=0.05).acquire()
+  assert "no heartbeat from it for 3600 s" in caplog.text
+  first = json.loads(lock_file.read_text())["heartbeat"]
+  time.sleep(0.3)
+  assert json.loads(lock_file.read_text())["heartbeat"] > first  # renewed while held
+  lock_file.write_text(json.dumps(record))  # someone else's now: release leaves it alone
+  lock.release()
+  assert json.loads(lock_file.read_text())["host"] == "tpu-worker-7"

@@ -124,6 +124,25 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_
   assert _losses(tmp_path) == _losses(reference)  # before the kill and after, bit for bit
 
 
+# --- out of disk space during a save --------------------------------------------------------------
+
+def test_out_of_space_during_a_save_stops_clearly_loses_nothing_and_resumes(env, reference,
+                                                                            tmp_path):
+  full = _run(env, tmp_path, faults={"FAULT_ENOSPC_AT_SAVE": "9"})
+  assert full.returncode != 0
+  message = next(line for line in full.stderr.splitlines()
+                 if "Out of disk space while saving" in line)
+  assert (f"Out of disk space while saving the checkpoint of step 9 in {tmp_path}/checkpoints"
+          in message)
+  assert "the checkpoints of steps [3, 6] are intact" in message
+  assert "it resumes from step 6" in message
+  assert _steps(tmp_path) == [3, 6]  # nothing older lost
+  log = _ok(_run(env, tmp_path))
+  assert f"Resumed from {tmp_path}/checkpoints/6." in log
+  assert _steps(tmp_path) == [3, 6, 9, 12]
+  assert _losses(tmp_path) == _losses(reference)
+
+
 # --- damaged checkpoints --------------------------------------------------------------------------
 
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(env, reference, tmp_path):
