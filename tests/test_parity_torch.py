@@ -16,43 +16,14 @@ import transformers
 from mae_jax import checkpoint, config_lib, convert, export
 from mae_jax.convert import official_from_transformers, params_from_torch, params_to_torch
 from mae_jax.models import MaskedAutoencoder, from_config, sincos_pos_embed_2d
+from torch_tools import official_state_dict as _official_state_dict
+from torch_tools import vitmae as _hf_model
 
 SHAPES = {
     # (img, patch, width, depth, heads, dec width, dec depth, dec heads)
     "two_heads": (32, 8, 64, 2, 2, 32, 2, 4),
     "eight_heads": (24, 4, 96, 3, 8, 48, 1, 3),
 }
-
-
-def _hf_model(img, patch, width, depth, heads, dwidth, ddepth, dheads, norm_pix):
-  config = transformers.ViTMAEConfig(
-      hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-      intermediate_size=4 * width, image_size=img, patch_size=patch, num_channels=3,
-      decoder_hidden_size=dwidth, decoder_num_hidden_layers=ddepth,
-      decoder_num_attention_heads=dheads, decoder_intermediate_size=4 * dwidth,
-      layer_norm_eps=1e-6, hidden_act="gelu", norm_pix_loss=norm_pix, mask_ratio=0.75,
-      attn_implementation="eager")
-  torch.manual_seed(0)
-  model = transformers.ViTMAEForPreTraining(config).eval()
-  # transformers 5 can leave the fixed sin-cos tables at zero on a fresh model; fill them with
-  # its own table code (independent of ours), before randomizing every trainable weight.
-  model.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
-  model.vit.embeddings.initialize_weights()
-  model.decoder.initialize_weights(model.vit.embeddings.patch_embeddings.num_patches)
-  assert model.vit.embeddings.position_embeddings.abs().sum() > 0
-  # Random values everywhere (biases and norms too), except the fixed position tables.
-  gen = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "pos_embed" in name or "position_embeddings" in name:
-        continue
-      p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if "layernorm" in name and
-                                                            name.endswith("weight") else 0.0))
-  return model
-
-
-def _official_state_dict(model):
-  return official_from_transformers(model.state_dict())
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
