@@ -75,6 +75,18 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.reconstruction_every_steps = 5000
+  # The kNN monitor (mae_jax.monitor): top-1 of DINO's weighted kNN on the encoder's features of
+  # a labeled dataset, written as `knn_top1` rows at the start, every `every_steps` and at the end.
+  c.monitor = ml_collections.ConfigDict(dict(
+      every_steps=0,            # 0 = off
+      dataset=config_dict.placeholder(str),  # labeled; None = input.dataset
+      train_split="train",      # the neighbours
+      train_examples=100_000,   # a random subset of train_split of this size (0 = all of it)
+      eval_split=config_dict.placeholder(str),  # None = the dataset's validation/val/test split
+      batch_size=256,           # global, over all devices and processes
+      k=20, temperature=0.07,   # DINO's weighted kNN
+      feature="cls",            # "cls" token (as linear probing) or "mean" of the patch tokens
+  ))
   # A non-finite loss or gradient stops the run (False) or skips that update (True).
   c.skip_nonfinite_steps = False
   # How the step keeps the old state on a non-finite update: "cond" (a branch), "select" (compute
