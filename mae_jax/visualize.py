@@ -2,9 +2,15 @@
 
     python -m mae_jax.visualize --workdir=DIR [--images a.jpg b.png] [--output=FILE.png]
 
-Each row: original | masked | reconstruction | reconstruction with the visible patches pasted
-back. norm_pix predictions are mapped back to pixels with each target patch's own mean and
-variance, and the ImageNet normalization is undone. DIR is a training workdir (its newest
+Each row: original | masked | prediction | prediction with the visible patches pasted back, and
+for norm_pix models one more column. A norm_pix model predicts each removed patch up to its
+brightness and contrast (each patch normalized to mean 0, variance 1), so the prediction
+columns put its patches back on the mean and variance of the image's *visible* patches: what
+they show comes from the model and the visible pixels only. The last column maps them back
+with each removed patch's own true mean and variance instead, as other MAE visualizations do:
+that uses statistics of the very patches being predicted, so it resembles the photo whatever
+the model predicts (even a random init's), and only shows the model's texture within them.
+The ImageNet normalization is undone. DIR is a training workdir (its newest
 checkpoint) or one written by `mae_jax.convert` (official `*_full` checkpoints carry the decoder
 that this needs). Without --images a few of scikit-image's sample photos are used.
 """
@@ -26,7 +32,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Recognizable colour photos that install with scikit-image.
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
-COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+COLUMNS = ("original", "masked", "prediction", "prediction + visible", "w/ true patch stats")
 
 Params = Dict[str, Any]
 
@@ -66,34 +72,50 @@ def fixed_noise(seed: int, batch: int, num_patches: int) -> np.ndarray:
   return np.random.default_rng(seed).random((batch, num_patches), dtype=np.float32)
 
 
+def unnormalize_with_visible(pred: jax.Array, target: jax.Array, mask: jax.Array,
+                             eps: float = 1e-6) -> jax.Array:
+  """norm_pix predictions [N, L, D] -> pixels with the statistics of the visible patches only:
+  each image's mean of its visible patches' means, and the square root of the mean of their
+  variances (unbiased, as norm_pix_loss normalizes), from `target` [N, L, D] (the patchified
+  input) and `mask` [N, L] (1 = removed)."""
+  visible = (1.0 - mask)[..., None]
+  count = jnp.maximum(jnp.sum(visible, axis=1, keepdims=True), 1.0)
+  mean = jnp.sum(target.mean(-1, keepdims=True) * visible, axis=1, keepdims=True) / count
+  var = jnp.sum(target.var(-1, ddof=1, keepdims=True) * visible, axis=1, keepdims=True) / count
+  return pred.astype(jnp.float32) * jnp.sqrt(var + eps) + mean
+
+
 def panels(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
            norm_pix_loss: bool) -> jax.Array:
-  """The four panels of each row in pixels, float32 [N, 4, H, W, 3] in [0, 1], from the
-  model's normalized input, its predictions [N, L, p*p*C] and mask [N, L] (1 = removed)."""
+  """The panels of each row in pixels, float32 [N, K, H, W, 3] in [0, 1] (K = 5 for norm_pix
+  predictions, else 4; titles in COLUMNS), from the model's normalized input, its predictions
+  [N, L, p*p*C] and mask [N, L] (1 = removed)."""
   n, h, w, c = images.shape
   p = patch_size
-  if norm_pix_loss:
-    pred = F.unnormalize_pred(pred, images, p)
   grid = (h // p, w // p)
-  recon = F.unpatchify(pred, p, grid, c)
+  target = F.patchify(images.astype(jnp.float32), p)
+  honest = unnormalize_with_visible(pred, target, mask) if norm_pix_loss else pred
+  recon = F.unpatchify(honest, p, grid, c)
   removed = F.unpatchify(jnp.repeat(mask[..., None], p * p * c, axis=-1), p, grid, c)
   # Removed patches become 0 in normalized space, i.e. the ImageNet mean colour (as the
   # official demo shows them).
   masked = images * (1.0 - removed)
-  pasted = masked + recon * removed
-  out = jnp.stack([images, masked, recon, pasted], axis=1)
+  columns = [images, masked, recon, masked + recon * removed]
+  if norm_pix_loss:
+    columns.append(F.unpatchify(F.unnormalize_pred(pred, images, p), p, grid, c))
+  out = jnp.stack(columns, axis=1)
   return jnp.clip(out * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
 def reconstruct(model: models.MaskedAutoencoder, params: Params, images: jax.Array,
                 noise: jax.Array, *, mask_ratio: float) -> jax.Array:
-  """Runs the model and returns its figure panels [N, 4, H, W, 3] (see `panels`)."""
+  """Runs the model and returns its figure panels [N, K, H, W, 3] (see `panels`)."""
   _, pred, mask = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
   return panels(images, pred, mask, model.patch_size, model.norm_pix_loss)
 
 
 def grid_image(figure: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.ndarray:
-  """[N, 4, H, W, 3] panels in [0, 1] -> one uint8 image with a titled column per panel.
+  """[N, K, H, W, 3] panels in [0, 1] -> one uint8 image with a titled column per panel.
 
   Small images are enlarged by an integer factor (nearest neighbour) so patches stay sharp.
   """

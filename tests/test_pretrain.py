@@ -192,7 +192,7 @@ def test_demo_config_trains_end_to_end(runs):
       demo / "tensorboard")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(demo / "reconstruction_00000002.png") as image:
-    assert image.size == (4 * 128 + 5 * 4, 16 + 4 * 128 + 5 * 4)  # 4 photos, 64px shown 2x
+    assert image.size == (5 * 128 + 6 * 4, 16 + 4 * 128 + 5 * 4)  # 4 photos x 5 panels, 64px shown 2x
   assert _steps(demo) == [1, 2]  # an asynchronous save at step 1, the final one at step 2
 
 
