@@ -1,7 +1,7 @@
 """Fine-tuning and linear probing of a pretrained encoder (config.mode "finetune"/"linprobe").
 
-The official main_finetune.py / main_linprobe.py recipes (RECIPE.md), on the pretraining
-loop's mesh, checkpoints, schedule and logging (mae_jax.train):
+The official main_finetune.py / main_linprobe.py recipes, on the trainer that pretraining
+uses too (mae_jax.trainer: mesh, checkpoints, schedule, non-finite guard, logging, the loop):
 - finetune: every param trained; AdamW with layer-wise lr decay (mae_jax.optim), drop path,
   RandAugment + random erasing + mixup/cutmix with label smoothing (mae_jax.augment, on device,
   keyed by (seed, step)), soft-target cross-entropy.
@@ -29,8 +29,7 @@ from mae_jax import augment
 from mae_jax import checkpoint
 from mae_jax import models
 from mae_jax import optim
-from mae_jax import train
-from mae_jax import writers
+from mae_jax import trainer
 from mae_jax.models.classifier import (VisionTransformer, classifier_from_config,
                                        merge_pretrained)
 
@@ -75,8 +74,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
         f"square crops only; give one size.")
   check(m.embed_dim % m.num_heads == 0, f"config.model.num_heads={m.num_heads} does not divide "
         f"config.model.embed_dim={m.embed_dim}.")
-  check(m.dtype in train.COMPUTE_DTYPES,
-        f"config.model.dtype={m.dtype!r} is not one of {train.COMPUTE_DTYPES}.")
+  check(m.dtype in trainer.COMPUTE_DTYPES,
+        f"config.model.dtype={m.dtype!r} is not one of {trainer.COMPUTE_DTYPES}.")
   check(not (m.scan and m.drop_path), "config.model.scan=True cannot use drop path (its rate "
         "grows with depth): set config.model.scan=False or config.model.drop_path=0.")
   if config.mode == "linprobe":
@@ -114,7 +113,7 @@ def trainable(params: Params, mode: str) -> Params:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, params: Params,
-                     learning_rate: train.Schedule) -> optax.GradientTransformation:
+                     learning_rate: trainer.Schedule) -> optax.GradientTransformation:
   """AdamW with layer-wise lr decay (finetune) or LARS (linprobe), over `trainable(params)`."""
   o = config.optimizer
   if config.mode == "linprobe":
@@ -141,9 +140,8 @@ def init_state(model: VisionTransformer, config: ml_collections.ConfigDict,
 def abstract_state(model: VisionTransformer, config: ml_collections.ConfigDict,
                    tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> FinetuneState:
   """ShapeDtypeStructs of the state carrying their target shardings (nothing allocated)."""
-  shapes = jax.eval_shape(functools.partial(init_state, model, config, tx))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=train.fsdp_sharding(mesh, x.shape)), shapes)
+  return trainer.with_shardings(
+      mesh, jax.eval_shape(functools.partial(init_state, model, config, tx)))
 
 
 def _global_array(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
@@ -181,7 +179,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
                model: VisionTransformer, tx: optax.GradientTransformation,
-               learning_rate: train.Schedule, config: ml_collections.ConfigDict
+               learning_rate: trainer.Schedule, config: ml_collections.ConfigDict
                ) -> Tuple[FinetuneState, Dict[str, jax.Array]]:
   """One optimizer update on a global batch, optionally in micro-batches.
 
@@ -195,7 +193,8 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
   else:
     images, targets = augment.finetune_augment(aug_key, images, labels, k, config.augment)
 
-  def loss_fn(weights, batch_stats, images, targets, micro):
+  def loss_fn(weights, batch_stats, micro, index):
+    images, targets = micro
     params = {**state.params, **weights}
     if config.mode == "linprobe":
       features = jax.lax.stop_gradient(model.apply({"params": params}, images,
@@ -206,38 +205,19 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
       batch_stats = updates["batch_stats"]
     else:
       logits = model.apply({"params": params}, images, train=True,
-                           rngs={"dropout": jax.random.fold_in(drop_key, micro)})
+                           rngs={"dropout": jax.random.fold_in(drop_key, index)})
     return cross_entropy(logits, targets), batch_stats
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   weights = trainable(state.params, config.mode)
-  accum = config.optimizer.grad_accum_steps
-  if accum == 1:
-    (loss, batch_stats), grads = grad_fn(weights, state.batch_stats, images, targets, 0)
-  else:
-    # As in train.train_step: micro-batch j takes examples j, j + A, ... (spread over devices).
-    b = images.shape[0]
-
-    def split(x):
-      return x.reshape((b // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-
-    def accumulate(carry, micro):
-      loss_sum, grad_sum, stats = carry
-      (loss, stats), grads = grad_fn(weights, stats, *micro)
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads), stats), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, weights),
-             state.batch_stats)
-    (loss, grads, batch_stats), _ = jax.lax.scan(
-        accumulate, zeros, (split(images), split(targets), jnp.arange(accum)))
-    loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+  (loss, batch_stats), grads = trainer.accumulate_gradients(
+      jax.value_and_grad(loss_fn, has_aux=True), weights, (images, targets),
+      config.optimizer.grad_accum_steps, state.batch_stats)
   # As in train.train_step: a non-finite loss or gradient keeps the old state (the official
-  # code stops there; train._NonFiniteGuard stops or skips).
-  weights, opt_state, batch_stats, grad_norm, finite = train.update_if_finite(
+  # code stops there; trainer.NonFiniteGuard stops or skips).
+  weights, opt_state, batch_stats, grad_norm, finite = trainer.update_if_finite(
       tx, loss, grads, state.opt_state, weights, state.batch_stats, batch_stats)
   params = {**state.params, **weights}
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
-             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        batch_stats=batch_stats), metrics
 
@@ -284,87 +264,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   """Fine-tunes or linear-probes per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  validate_config(config)
-  input_pipeline.validate(config.input)
-  batch_size = config.input.batch_size
-  num_examples = input_pipeline.num_examples(config.input)
-  steps_per_epoch = max(1, num_examples // batch_size)
-  total = train.num_train_steps(config, steps_per_epoch)
-  eval_every = config.eval_every_steps or steps_per_epoch
-  learning_rate = train.create_learning_rate_fn(config, steps_per_epoch)
-  mesh = train.make_mesh(config)
+  job = trainer.prepare(config, validate_config)
+  eval_every = config.eval_every_steps or job.steps_per_epoch
   model = create_model(config)
   param_shapes = jax.eval_shape(functools.partial(init_state, model, config,
                                                   optax.identity())).params
-  tx = create_optimizer(config, trainable(param_shapes, config.mode), learning_rate)
-  target = abstract_state(model, config, tx, mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, target)
-  is_main = jax.process_index() == 0
-  checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
-      x.size * x.dtype.itemsize for x in jax.tree.leaves(target)))
-  manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  state = checkpoint.restore_latest(manager, target, config)
-  if is_main:  # only now: a refused workdir keeps the config.json of its checkpoints
-    checkpoint.write_config(workdir, config)
-  if state is None:
+  tx = create_optimizer(config, trainable(param_shapes, config.mode), job.learning_rate)
+  target = abstract_state(model, config, tx, job.mesh)
+  shardings = trainer.shardings_of(target)
+
+  def init() -> FinetuneState:
     state = jax.jit(functools.partial(init_state, model, config, tx),
                     out_shardings=shardings)()
-    state = state.replace(params=start_params(config, state.params, target.params))
-  start = int(state.step)
+    return state.replace(params=start_params(config, state.params, target.params))
+
+  session = trainer.Session(job, workdir, target, init)
+  start, total = session.start, job.total
   n_train = sum(x.size for x in jax.tree.leaves(trainable(target.params, config.mode)))
   logging.info("%s: %s trainable params on a %s mesh of %d devices: steps %d -> %d, %d steps "
-               "per epoch, global batch %d.", config.mode, f"{n_train:,}", dict(mesh.shape),
-               jax.device_count(), start, total, steps_per_epoch, batch_size)
+               "per epoch, global batch %d.", config.mode, f"{n_train:,}",
+               dict(job.mesh.shape), jax.device_count(), start, total, job.steps_per_epoch,
+               job.batch_size)
 
-  data_sharding = train.batch_sharding(mesh)
-  replicated = NamedSharding(mesh, P())
+  data_sharding = trainer.batch_sharding(job.mesh)
+  replicated = NamedSharding(job.mesh, P())
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                      learning_rate=learning_rate, config=config),
+                                      learning_rate=job.learning_rate, config=config),
                     in_shardings=(shardings, data_sharding, data_sharding),
                     out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(shardings.params, shardings.batch_stats, data_sharding,
                                   data_sharding, data_sharding), out_shardings=replicated)
-  writer = writers.MetricWriter(workdir, enabled=is_main)
 
   def run_eval(step: int, state: FinetuneState) -> None:
     row = evaluate(config, state, eval_fn, data_sharding)
     logging.info("step %d: eval top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d examples)", step,
                  row["eval_top1"], row["eval_top5"], row["eval_loss"], row["eval_examples"])
-    writer.write_scalars(step, row)
+    session.writer.write_scalars(step, row)
 
   if config.eval_only:  # e.g. a converted official fine-tuned checkpoint as config.init_from
-    run_eval(start, state)
-    manager.close()
-    writer.close()
-    return state
+    run_eval(start, session.state)
+    session.close()
+    return session.state
 
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
       normalize=config.mode != "finetune")  # fine-tuning augments the uint8 crops on device
-  bar = writers.ProgressBar(total, initial=start, enabled=is_main)
-  # pylint: disable=protected-access
-  reporter = train._Reporter(writer, bar, start=start, total=total,
-                             log_every=config.log_every_steps, batch_size=batch_size,
-                             num_examples=num_examples)
-  guard = train._NonFiniteGuard(config.skip_nonfinite_steps, manager)
 
   def after_step(step: int, state: FinetuneState) -> None:
     if step % eval_every == 0 or step == total:
-      reporter.flush()  # the training row of this interval before the evaluation's
-      bar.clear()
+      session.flush()  # the training row of this interval before the evaluation's
       run_eval(step, state)
 
   def one_step(state: FinetuneState, batch: Dict[str, np.ndarray]):
     batch = input_pipeline.to_global(batch, data_sharding)
     return step_fn(state, batch["image"], batch["label"])
 
-  state, _ = train.run_steps(state, batches, one_step, start=start, total=total, config=config,
-                             manager=manager, reporter=reporter, guard=guard,
-                             after_step=after_step)
-  bar.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  state, _ = session.run(one_step, batches, after_step)
+  session.close()
   return state

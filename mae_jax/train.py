@@ -1,15 +1,15 @@
-"""MAE pretraining: schedule, optimizer, sharded train state, the jitted step and the loop.
+"""MAE pretraining: its config checks, optimizer, sharded train state, the jitted step and
+`train_and_evaluate`. The machinery it shares with fine-tuning (mesh, schedule, non-finite
+guard, preemption, reporting, the loop) is mae_jax.trainer; the names of it that users import
+from here (`MESH_AXES`, `batch_sharding`, `create_learning_rate_fn`, ...) stay importable.
 
 Everything here is importable without TensorFlow: the input pipeline (which uses it) is imported
 inside `train_and_evaluate` only, so GPU hosts can run the step, tests and benchmarks without it.
 """
 
-import contextlib
 import functools
 import math
-import signal
-import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import flax.struct
 import jax
@@ -18,23 +18,21 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
 from mae_jax import models
 from mae_jax import optim
+from mae_jax import trainer
 from mae_jax import visualize
 from mae_jax import writers
 from mae_jax.models.functional import num_kept
-
-Params = Dict[str, Any]
-Schedule = Callable[[jax.Array], jax.Array]
-MESH_AXES = ("data", "fsdp")
-# The batch is split over every device: data parallel across both mesh axes, as FSDP does.
-BATCH_AXES = MESH_AXES
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# The shared trainer's names that users import from here (mae_jax's public interface).
+from mae_jax.trainer import (  # pylint: disable=unused-import
+    BATCH_AXES, COMPUTE_DTYPES, GUARDS, MESH_AXES, Params, Schedule, base_learning_rate,
+    batch_sharding, create_learning_rate_fn, fsdp_sharding, make_mesh, num_train_steps,
+    update_if_finite)
 
 
 @flax.struct.dataclass
@@ -158,72 +156,7 @@ def _divisor_near(n: int, k: int) -> int:
   return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
-# --- mesh and shardings ---------------------------------------------------------------------
-
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The ("data", "fsdp") device mesh of `config.mesh` over every device of the job."""
-  fsdp = config.mesh.fsdp
-  data = jax.device_count() // fsdp if config.mesh.data == -1 else config.mesh.data
-  return jax.make_mesh((data, fsdp), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-
-
-def fsdp_sharding(mesh: jax.sharding.Mesh, shape: Tuple[int, ...]) -> NamedSharding:
-  """Shards an array over "fsdp" on its largest axis that the axis size divides, else
-  replicates it."""
-  n = mesh.shape["fsdp"]
-  spec = [None] * len(shape)
-  if n > 1:
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-      if shape[axis] % n == 0:
-        spec[axis] = "fsdp"
-        break
-  return NamedSharding(mesh, P(*spec))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every device."""
-  return NamedSharding(mesh, P(BATCH_AXES))
-
-
-# --- schedule and optimizer -----------------------------------------------------------------
-
-def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """config.total_steps, or num_epochs worth of steps when it is 0."""
-  return config.total_steps or int(config.num_epochs * steps_per_epoch)
-
-
-def base_learning_rate(config: ml_collections.ConfigDict) -> float:
-  """optimizer.lr when set, else the paper's blr * global_batch / 256."""
-  o = config.optimizer
-  return o.lr if o.lr > 0 else o.blr * config.input.batch_size / 256
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
-  """Linear warmup from 0, then a half-cycle cosine to `config.optimizer.min_lr` (default 0),
-  evaluated per optimizer step.
-
-  The official code sets lr from the fractional epoch step / steps_per_epoch, which is the same
-  curve in steps. `config.warmup_steps` > 0 overrides `config.warmup_epochs`.
-  """
-  base = base_learning_rate(config)
-  floor = config.optimizer.get("min_lr", 0.0)  # fine-tuning's 1e-6
-  total = num_train_steps(config, steps_per_epoch)
-  warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
-  if warmup >= total:
-    raise ValueError(f"The warmup ({warmup} steps, from config.warmup_epochs / "
-                     f"config.warmup_steps) must be shorter than training ({total} steps, from "
-                     f"config.total_steps / config.num_epochs); shorten the warmup.")
-
-  def learning_rate(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = base * step / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
-    cosine = floor + (base - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup, warm, cosine)
-
-  return learning_rate
-
+# --- optimizer --------------------------------------------------------------------------------
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      learning_rate: Schedule) -> optax.GradientTransformation:
@@ -248,26 +181,18 @@ def init_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransfor
                     rng=jax.random.key_data(noise_key))
 
 
-def state_shardings(mesh: jax.sharding.Mesh, abstract_state: TrainState) -> TrainState:
-  """NamedShardings for every leaf: big arrays split over "fsdp", the rest replicated."""
-  return jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), abstract_state)
-
-
 def abstract_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransformation,
                          seed: int, mesh: jax.sharding.Mesh) -> TrainState:
   """ShapeDtypeStructs of the train state carrying their target shardings (nothing allocated)."""
-  shapes = jax.eval_shape(functools.partial(init_train_state, model, tx, seed))
-  shardings = state_shardings(mesh, shapes)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
+  return trainer.with_shardings(
+      mesh, jax.eval_shape(functools.partial(init_train_state, model, tx, seed)))
 
 
 def create_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransformation,
                        seed: int, abstract_state: TrainState) -> TrainState:
   """Initializes the state directly into its shardings (no full copy on one device)."""
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   return jax.jit(functools.partial(init_train_state, model, tx, seed),
-                 out_shardings=shardings)()
+                 out_shardings=trainer.shardings_of(abstract_state))()
 
 
 # --- the step ---------------------------------------------------------------------------------
@@ -278,84 +203,32 @@ def masking_noise(rng: jax.Array, step: jax.Array, batch: int, num_patches: int)
   return jax.random.uniform(key, (batch, num_patches), jnp.float32)
 
 
-# config.nonfinite_guard -> update_if_finite's `branch`.
-GUARDS = {"auto": None, "cond": True, "select": False}
-
-
-def update_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: Params,
-                     opt_state: Any, params: Params, extra: Any = None, new_extra: Any = None,
-                     *, branch: Optional[bool] = None):
-  """(params, opt_state, extra, grad_norm, finite): the optimizer's update (and `new_extra`,
-  state that the forward pass updated, e.g. BatchNorm statistics) when the loss and the gradient
-  are finite, else the params, optimizer state and `extra` as they were.
-
-  `branch` (default: on CPU only) takes a lax.cond instead of computing the update and then
-  selecting between old and new: on CPU the select reads and writes the params and optimizer
-  state once more (0.4 s of a 3.6 s ViT-B/16 step on the 2-core CPU, BENCHMARKS.md). On GPU a
-  conditional waits for its predicate on the host and the select fuses into the update, so
-  accelerators keep the select (not yet compared there). Both give the same numbers.
-  """
-  if branch is None:
-    branch = jax.default_backend() == "cpu"
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(grads, opt_state, params, extra, new_extra):
-    del extra
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, new_extra
-
-  def keep(grads, opt_state, params, extra, new_extra):
-    del grads, new_extra
-    return params, opt_state, extra
-
-  operands = (grads, opt_state, params, extra, new_extra)
-  if branch:
-    params, opt_state, extra = jax.lax.cond(finite, update, keep, *operands)
-  else:
-    params, opt_state, extra = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                            update(*operands), keep(*operands))
-  return params, opt_state, extra, grad_norm, finite
-
-
 def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAutoencoder,
                tx: optax.GradientTransformation, learning_rate: Schedule, mask_ratio: float,
                grad_accum_steps: int = 1, guard_branch: Optional[bool] = None
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer update on a global batch of NHWC images, optionally in micro-batches;
   `guard_branch` is `update_if_finite`'s `branch`."""
-  b = images.shape[0]
   num_patches = models.num_patches(model.img_size, model.patch_size)
-  noise = masking_noise(state.rng, state.step, b, num_patches)
+  noise = masking_noise(state.rng, state.step, images.shape[0], num_patches)
 
-  def loss_fn(params, images, noise):
+  def loss_fn(params, aux, micro, index):
+    del index
+    images, noise = micro
     loss, _, _ = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
-    return loss
+    return loss, aux
 
-  grad_fn = jax.value_and_grad(loss_fn)
-  if grad_accum_steps == 1:
-    loss, grads = grad_fn(state.params, images, noise)
-  else:
-    # Micro-batch j takes examples j, j + A, j + 2A, ...: every micro-batch stays spread over
-    # all devices. Every example masks the same number of patches, so the mean of the
-    # micro-batch losses (and gradients) is exactly the full batch's.
-    def split(x):
-      return x.reshape((b // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1)
-
-    def accumulate(carry, micro):
-      loss, grads = grad_fn(state.params, *micro)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (split(images), split(noise)))
-    loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+  # Every example masks the same number of patches, so the mean of the micro-batch losses (and
+  # gradients) is exactly the full batch's.
+  (loss, _), grads = trainer.accumulate_gradients(
+      jax.value_and_grad(loss_fn, has_aux=True), state.params, (images, noise),
+      grad_accum_steps)
   # A non-finite loss or gradient leaves params and optimizer state as they were, so nothing
-  # non-finite reaches a checkpoint; the loop then stops or skips (_NonFiniteGuard). The step
-  # still advances: the next update takes the next batch.
+  # non-finite reaches a checkpoint; the loop then stops or skips (trainer.NonFiniteGuard). The
+  # step still advances: the next update takes the next batch.
   params, opt_state, _, grad_norm, finite = update_if_finite(tx, loss, grads, state.opt_state,
                                                              state.params, branch=guard_branch)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": learning_rate(state.step),
-             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -363,7 +236,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoen
                    tx: optax.GradientTransformation, learning_rate: Schedule,
                    abstract_state: TrainState, mesh: jax.sharding.Mesh) -> Callable:
   """`train_step` as one jax.jit over the mesh; the incoming state's buffers are donated."""
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  shardings = trainer.shardings_of(abstract_state)
   step = functools.partial(train_step, model=model, tx=tx, learning_rate=learning_rate,
                            mask_ratio=config.model.mask_ratio,
                            grad_accum_steps=config.optimizer.grad_accum_steps,
@@ -372,186 +245,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoen
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
-# --- the loop ---------------------------------------------------------------------------------
-
-class _Preemption:
-  """A preemption notice (SIGTERM) asks the loop to save at the next step and stop.
-
-  With several processes every host must stop at the same step, so jax's preemption sync point
-  (fed by the distributed runtime's own SIGTERM notifier) decides; a lone process uses a signal
-  handler.
-  """
-
-  def __init__(self):
-    self._requested = False
-    self._previous = None
-
-  def __enter__(self) -> "_Preemption":
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after the current step.")
-    self._requested = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to save at `step` and stop (the same answer on every process)."""
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested
-
-
-class _Reporter:
-  """Turns each step's device metrics into a log line, a metrics.jsonl row and TensorBoard
-  scalars every `log_every` steps, without stalling the device: an interval's metrics are
-  fetched only once the following step has been dispatched."""
-
-  def __init__(self, writer: writers.MetricWriter, bar: writers.ProgressBar, *, start: int,
-               total: int, log_every: int, batch_size: int, num_examples: int):
-    self._writer, self._bar = writer, bar
-    self._total, self._log_every = total, log_every
-    self._batch_size, self._num_examples = batch_size, num_examples
-    self._history = []
-    self._pending = None
-    self._start = (start, time.time())
-    self._mark = self._start  # (step, time) the next images/s figure counts from
-
-  def first_step_done(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-    """Waits for the first (compiling) step once, then starts the throughput clock."""
-    jax.block_until_ready(metrics)
-    self._mark = (step, time.time())
-    logging.info("First step done after %.1f s (compilation included).",
-                 self._mark[1] - self._start[1])
-
-  def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-    """Records the metrics of `step` (just dispatched); reports the previous interval."""
-    self._history.append(metrics)
-    self.flush()
-    if step % self._log_every == 0 or step == self._total:
-      self._pending, self._history = (step, self._history), []
-    self._bar.update(step)
-
-  def flush(self, upto: Optional[int] = None) -> None:
-    """Reports the interval that has ended, if any (blocks until its last step is done); with
-    `upto`, also the steps after it up to that step (a run stopping between log steps)."""
-    if self._pending is not None:
-      self._report(*self._pending)
-      self._pending = None
-    if upto is not None and self._history:
-      self._report(upto, self._history)
-      self._history = []
-
-  def _report(self, step: int, history: list) -> None:
-    values = jax.device_get(history)
-    now = time.time()
-    mark_step, mark_time = self._mark
-    if step == mark_step:  # the first step alone: its time includes compilation
-      mark_step, mark_time = self._start
-    steps_per_s = (step - mark_step) / max(now - mark_time, 1e-9)
-    self._mark = (step, now)
-    row = {"step": step,
-           "loss": float(np.mean([v["loss"] for v in values])),
-           "lr": float(values[-1]["lr"]),
-           "grad_norm": float(np.mean([v["grad_norm"] for v in values])),
-           "img_per_s": steps_per_s * self._batch_size,
-           "steps_per_s": steps_per_s,
-           "epoch": step * self._batch_size / self._num_examples,  # passes over the data
-           "eta_s": (self._total - step) / max(steps_per_s, 1e-9)}
-    if "nonfinite" in values[-1]:
-      row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
-    self._bar.clear()
-    logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f  %.1f img/s  "
-                 "ETA %s", step, self._total, row["epoch"], row["loss"], row["lr"],
-                 row["grad_norm"], row["img_per_s"], writers.format_duration(row["eta_s"]))
-    self._writer.write_scalars(step, row)
-    self._bar.set_postfix(f"loss {row['loss']:.4f}  {row['img_per_s']:.1f} img/s  "
-                          f"ETA {writers.format_duration(row['eta_s'])}")
-
-
-class _NonFiniteGuard:
-  """Looks at each step's `nonfinite` flag (the step already kept the old params when it was
-  set): with config.skip_nonfinite_steps the run goes on and counts them, else it stops with
-  the step and the last good checkpoint, before anything after that step is saved."""
-
-  def __init__(self, skip: bool, manager):
-    self._skip, self._manager = skip, manager
-    self._unchecked = []  # (step, metrics) not looked at yet
-    self.skipped = 0
-
-  def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-    self._unchecked.append((step, metrics))
-
-  def check(self, *, all_steps: bool) -> None:
-    """Looks at the steps recorded so far; all but the newest unless `all_steps` (waiting for
-    the step just dispatched would idle the device; before a save it must be looked at)."""
-    ready = self._unchecked if all_steps else self._unchecked[:-1]
-    self._unchecked = self._unchecked[len(ready):]
-    values = jax.device_get([m for _, m in ready])
-    bad = [(step, v) for (step, _), v in zip(ready, values) if v["nonfinite"]]
-    if not bad:
-      return
-    if self._skip:
-      self.skipped += len(bad)
-      logging.warning("Skipped the update of step(s) %s: non-finite loss or gradient "
-                      "(config.skip_nonfinite_steps=True); %d skipped in this run.",
-                      [step for step, _ in bad], self.skipped)
-      return
-    step, v = bad[0]
-    self._manager.wait_until_finished()  # the last good checkpoint is complete before we stop
-    last = self._manager.latest_step()
-    where = (f"the last good checkpoint is {self._manager.directory}/{last} (step {last}); "
-             f"running the same command resumes from it" if last is not None else
-             "no checkpoint was saved before it")
-    raise FloatingPointError(
-        f"Non-finite loss or gradient at step {step} (loss {v['loss']}, grad_norm "
-        f"{v['grad_norm']}): stopped, saving nothing from step {step} on; {where}. "
-        f"Set config.skip_nonfinite_steps=True to skip such updates instead; if they recur, "
-        f"lower config.optimizer.blr (or lr) or lengthen the warmup.")
-
-
-def run_steps(state, batches: Iterator[Dict[str, np.ndarray]],
-              step_fn: Callable[[Any, Dict[str, np.ndarray]], Tuple[Any, Dict[str, jax.Array]]],
-              *, start: int, total: int, config: ml_collections.ConfigDict, manager,
-              reporter: _Reporter, guard: _NonFiniteGuard,
-              after_step: Optional[Callable[[int, Any], None]] = None) -> Tuple[Any, int]:
-  """The loop shared by pretraining and fine-tuning: runs `step_fn` on each batch from step
-  `start` to `total`, reporting, checking for non-finite steps, saving every
-  config.checkpoint_every_steps and at the end, and stopping after a save on SIGTERM. Returns
-  the state and the step it stopped at (`total` unless preempted)."""
-  step = start
-  # closing: an error that stops the run must also stop the input thread, or the interpreter
-  # kills it mid-decode at exit and the process aborts instead of exiting with the error.
-  with contextlib.closing(batches), _Preemption() as preemption:
-    while step < total:
-      state, metrics = step_fn(state, next(batches))
-      step += 1
-      reporter.add(step, metrics)
-      guard.add(step, metrics)
-      if step == start + 1:
-        reporter.first_step_done(step, metrics)
-      preempted = preemption.reached(step)
-      saving = preempted or step % config.checkpoint_every_steps == 0 or step == total
-      if saving or step % config.log_every_steps == 0:
-        guard.check(all_steps=saving)
-      if preempted:
-        reporter.flush(upto=step)
-        checkpoint.save(manager, state, config, force=True)
-        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
-                        "resume.", step)
-        break
-      if saving:
-        checkpoint.save(manager, state, config)
-      if after_step is not None:
-        after_step(step, state)
-  reporter.flush(upto=step)
-  return state, step
-
+# --- the run ----------------------------------------------------------------------------------
 
 def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.MaskedAutoencoder,
                            mesh: jax.sharding.Mesh, workdir: str,
@@ -584,64 +278,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrains per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  validate_config(config)
-  input_pipeline.validate(config.input)
-  batch_size = config.input.batch_size
-  num_examples = input_pipeline.num_examples(config.input)
-  steps_per_epoch = max(1, num_examples // batch_size)
-  total = num_train_steps(config, steps_per_epoch)
-  learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-  mesh = make_mesh(config)
+  job = trainer.prepare(config, validate_config)
   model = models.from_config(config.model)
-  tx = create_optimizer(config, learning_rate)
-  abstract_state = abstract_train_state(model, tx, config.seed, mesh)
-  is_main = jax.process_index() == 0
-  checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
-      x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
-  manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  state = checkpoint.restore_latest(manager, abstract_state, config)
-  if is_main:  # only now: a refused workdir keeps the config.json of its checkpoints
-    checkpoint.write_config(workdir, config)
-  if state is None:
+  tx = create_optimizer(config, job.learning_rate)
+  abstract_state = abstract_train_state(model, tx, config.seed, job.mesh)
+
+  def init() -> TrainState:
     state = create_train_state(model, tx, config.seed, abstract_state)
     if checkpoint.has_params(workdir):
       params, _ = checkpoint.load_params(workdir, target=abstract_state.params)
       state = state.replace(params=params)
       logging.info("Starting from the params in %s/%s.", workdir, checkpoint.PARAMS)
-  start = int(state.step)
+    return state
+
+  session = trainer.Session(job, workdir, abstract_state, init)
+  start, total = session.start, job.total
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("Training %s params on a %s mesh of %d devices (%d processes): steps %d -> %d, "
-               "%d steps per epoch, global batch %d.", f"{n_params:,}", dict(mesh.shape),
-               jax.device_count(), jax.process_count(), start, total, steps_per_epoch,
-               batch_size)
+               "%d steps per epoch, global batch %d.", f"{n_params:,}", dict(job.mesh.shape),
+               jax.device_count(), jax.process_count(), start, total, job.steps_per_epoch,
+               job.batch_size)
 
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
-  step_fn = jit_train_step(config, model, tx, learning_rate, abstract_state, mesh)
-  data_sharding = batch_sharding(mesh)
-  writer = writers.MetricWriter(workdir, enabled=is_main)
-  bar = writers.ProgressBar(total, initial=start, enabled=is_main)
-  reporter = _Reporter(writer, bar, start=start, total=total,
-                       log_every=config.log_every_steps, batch_size=batch_size,
-                       num_examples=num_examples)
-  write_reconstructions = _reconstruction_writer(config, model, mesh, workdir, writer)
-  guard = _NonFiniteGuard(config.skip_nonfinite_steps, manager)
+  step_fn = jit_train_step(config, model, tx, job.learning_rate, abstract_state, job.mesh)
+  data_sharding = batch_sharding(job.mesh)
+  write_reconstructions = _reconstruction_writer(config, model, job.mesh, workdir,
+                                                 session.writer)
 
   def after_step(step: int, state: TrainState) -> None:
     if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
         and step < total):
       write_reconstructions(state.params, step)
 
-  state, step = run_steps(
-      state, batches, lambda state, batch: step_fn(
+  state, step = session.run(
+      lambda state, batch: step_fn(
           state, input_pipeline.to_global({"image": batch["image"]}, data_sharding)["image"]),
-      start=start, total=total, config=config, manager=manager, reporter=reporter, guard=guard,
-      after_step=after_step)
-  bar.close()
+      batches, after_step)
   if step == total:
     write_reconstructions(state.params, step)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  session.close()
   return state

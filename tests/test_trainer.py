@@ -1,0 +1,53 @@
+"""mae_jax.trainer: the pieces that pretraining and fine-tuning share."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import trainer
+
+
+def _linear_grad_fn():
+  """value_and_grad of a mean squared error whose aux counts the micro-batches seen, in order."""
+
+  def loss_fn(w, aux, micro, index):
+    x, y = micro
+    loss = jnp.mean((x @ w["w"] - y) ** 2)
+    return loss, aux * 10 + index + 1
+
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def test_accumulate_gradients_equals_the_full_batch_and_threads_aux_in_order():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+  w = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  grad_fn = _linear_grad_fn()
+  (full_loss, full_aux), full_grads = trainer.accumulate_gradients(grad_fn, w, (x, y), 1, 0)
+  (loss, aux), grads = jax.jit(trainer.accumulate_gradients, static_argnums=(0, 3))(
+      grad_fn, w, (x, y), 4, 0)
+  np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+  np.testing.assert_allclose(grads["w"], full_grads["w"], rtol=1e-5)
+  assert int(full_aux) == 1        # one batch, index 0
+  assert int(aux) == 1234          # micro-batches 0, 1, 2, 3, each seeing the previous aux
+
+
+def test_accumulate_gradients_micro_batch_j_takes_every_a_th_example():
+  """Micro-batch j is examples j, j + A, ...: each stays spread over the devices."""
+
+  def grad_fn(w, aux, micro, index):
+    return (jnp.sum(micro[0]) * w, aux.at[index].set(micro[0])), w
+
+  x = jnp.arange(6.0)
+  (loss, seen), _ = trainer.accumulate_gradients(grad_fn, jnp.ones(()), (x,), 2,
+                                                 jnp.zeros((2, 3)))
+  np.testing.assert_array_equal(seen, [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]])
+  np.testing.assert_allclose(loss, 15.0 / 2)
+
+
+def test_step_metrics_flags_a_nonfinite_step():
+  metrics = trainer.step_metrics(jnp.float32(1.0), jnp.float32(2.0), jnp.float32(0.1),
+                                 jnp.bool_(False))
+  assert set(metrics) == {"loss", "grad_norm", "lr", "nonfinite"}
+  assert float(metrics["nonfinite"]) == 1.0
