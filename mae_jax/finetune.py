@@ -243,13 +243,15 @@ def _eval_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def evaluate(config: ml_collections.ConfigDict, state: FinetuneState,
-             eval_fn: Callable, data_sharding: NamedSharding) -> Dict[str, float]:
-  """Top-1 / top-5 accuracy (percent) and loss over the whole evaluation split."""
+             eval_fn: Callable, data_sharding: NamedSharding,
+             source: Optional[Any] = None) -> Dict[str, float]:
+  """Top-1 / top-5 accuracy (percent) and loss over the whole evaluation split (`source`, that
+  split opened once per run; opened here when None)."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   totals = None
   for batch in input_pipeline.create_iterator(
       _eval_input(config), image_size=config.model.img_size, seed=config.seed, train=False,
-      process_index=jax.process_index(), process_count=jax.process_count()):
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source):
     batch = input_pipeline.to_global(batch, data_sharding)
     sums = eval_fn(state.params, state.batch_stats, batch["image"], batch["label"],
                    batch["valid"])
@@ -296,8 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
                     in_shardings=(shardings.params, shardings.batch_stats, data_sharding,
                                   data_sharding, data_sharding), out_shardings=replicated)
 
+  eval_source = input_pipeline.open_eval_source(config.input)
+
   def run_eval(step: int, state: FinetuneState) -> None:
-    row = evaluate(config, state, eval_fn, data_sharding)
+    row = evaluate(config, state, eval_fn, data_sharding, eval_source)
     logging.info("step %d: eval top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d examples)", step,
                  row["eval_top1"], row["eval_top5"], row["eval_loss"], row["eval_examples"])
     session.writer.write_scalars(step, row)
@@ -310,7 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-      normalize=config.mode != "finetune")  # fine-tuning augments the uint8 crops on device
+      normalize=config.mode != "finetune",  # fine-tuning augments the uint8 crops on device
+      source=job.source)
 
   def after_step(step: int, state: FinetuneState) -> None:
     if step % eval_every == 0 or step == total:

@@ -240,7 +240,7 @@ class KnnMonitor:
       raise ValueError(f"config.monitor.dataset={self._input.dataset!r} has no labels; the kNN "
                        f"monitor needs a labeled dataset (e.g. sklearn_digits, imagenet2012), "
                        f"or config.monitor.every_steps=0 to turn it off.")
-    self._eval_split = input_pipeline._default_eval_split(self._input)  # pylint: disable=protected-access
+    self._eval_split = input_pipeline.default_eval_split(self._input)
     input_pipeline.open_source(self._input, self._eval_split)  # fails now if it is missing
     self.eval_name = f"{self._input.dataset}[{self._eval_split}]"
     self._sharding = NamedSharding(mesh, P(batch_axes))

@@ -301,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
-      start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
+      start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
+      source=job.source)
   step_fn = jit_train_step(config, model, tx, job.learning_rate, abstract_state, job.mesh)
   data_sharding = batch_sharding(job.mesh)
   write_reconstructions = _reconstruction_writer(config, model, job.mesh, workdir,

@@ -392,6 +392,7 @@ class Job:
   steps_per_epoch: int   # global batches per pass over the training split (at least 1)
   total: int             # the optimizer step the run ends at
   learning_rate: Schedule
+  source: Any            # the training split (input_pipeline.Source), opened once per run
 
   @property
   def batch_size(self) -> int:
@@ -406,12 +407,11 @@ def prepare(config: ml_collections.ConfigDict,
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   validate(config)
-  input_pipeline.validate(config.input)
-  num_examples = input_pipeline.num_examples(config.input)
-  steps_per_epoch = max(1, num_examples // config.input.batch_size)
-  return Job(config=config, mesh=make_mesh(config), num_examples=num_examples,
+  source = input_pipeline.validate(config.input)
+  steps_per_epoch = max(1, len(source) // config.input.batch_size)
+  return Job(config=config, mesh=make_mesh(config), num_examples=len(source),
              steps_per_epoch=steps_per_epoch, total=num_train_steps(config, steps_per_epoch),
-             learning_rate=create_learning_rate_fn(config, steps_per_epoch))
+             learning_rate=create_learning_rate_fn(config, steps_per_epoch), source=source)
 
 
 class Session:

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from mae_jax import config_lib
 from mae_jax import input_pipeline as ip
+from mae_jax.input_pipeline import decode
 
 
 def _config(dataset, data_dir=None, **overrides) -> ml_collections.ConfigDict:
@@ -89,7 +90,7 @@ def test_jpeg_dct_downscaled_decode_matches_full_decode():
   data = _jpeg(photo)
   box = lambda w, h: (64.0, 32.0, 384.0, 384.0)
   small = ip.decode_and_crop(data, 48, box)  # 384 / 48 = 8: decoded at 1/8 scale
-  assert ip._dct_scale(box(512, 512), 48) == 8
+  assert decode.dct_scale(box(512, 512), 48) == 8
   full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
       (48, 48), Image.BICUBIC, box=(64, 32, 448, 416)))
   assert small.shape == (48, 48, 3) and small.dtype == np.uint8
@@ -363,7 +364,7 @@ def test_decoded_cache_decodes_each_image_once_per_dct_scale(tmp_path, monkeypat
   for i in range(2):
     Image.fromarray(photo[i * 70:i * 70 + 64, 100:196]).save(tmp_path / f"{i}.png")
   calls = []
-  for module, name in ((ip.cv2, "imdecode"), (ip, "_to_rgb")):
+  for module, name in ((decode.cv2, "imdecode"), (decode, "to_rgb")):
     original = getattr(module, name)
     monkeypatch.setattr(module, name,
                         lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))

@@ -51,3 +51,26 @@ def test_step_metrics_flags_a_nonfinite_step():
                                  jnp.bool_(False))
   assert set(metrics) == {"loss", "grad_norm", "lr", "nonfinite"}
   assert float(metrics["nonfinite"]) == 1.0
+
+
+def test_a_run_opens_its_training_data_once(monkeypatch):
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  opened = []
+  real = input_pipeline.open_source
+  monkeypatch.setattr(input_pipeline, "open_source",
+                      lambda *a, **k: opened.append(a) or real(*a, **k))
+  config = config_lib.pretrain_config("vit_b")
+  config.input.dataset = "skimage_photos"
+  config.input.batch_size = 4
+  config.input.num_workers = 0
+  config.total_steps = 10
+  config.warmup_steps = 2
+  job = trainer.prepare(config, lambda c: None)
+  assert job.num_examples == len(job.source) and job.total == 10
+  # What train.train_and_evaluate does with the job's source.
+  batches = input_pipeline.create_iterator(config.input, image_size=16, seed=0, train=True,
+                                           process_index=0, process_count=1, source=job.source)
+  assert next(batches)["image"].shape == (4, 16, 16, 3)
+  batches.close()
+  assert len(opened) == 1
