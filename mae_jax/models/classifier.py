@@ -25,7 +25,7 @@ from mae_jax.models import functional as F
 from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
 from mae_jax.models.mae import (ImageSize, PatchEmbed, canonical_img_size, check_images,
                                 patch_grid)
-from mae_jax.models.vit import Transformer
+from mae_jax.models.vit import Transformer, broadcast_param
 
 Dtype = Any
 
@@ -110,7 +110,7 @@ class VisionTransformer(nn.Module):
     """Encoder tokens [B, 1 + L], cls first (after `encoder_norm` unless `global_pool`)."""
     check_images(images, self.img_size, self.in_chans)
     x = self.embedding(images)
-    cls = jnp.broadcast_to(self.cls.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    cls = broadcast_param(self.cls, (x.shape[0], 1, x.shape[-1]), x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding.astype(x.dtype)
     return self.Transformer(x, not train)
 

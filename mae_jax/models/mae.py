@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.models import functional as F
-from mae_jax.models.vit import Transformer, linear_init
+from mae_jax.models.vit import Dense, Transformer, broadcast_param, dense, linear_init
 
 Dtype = Any
 # An image size: one int for a square image, or a (height, width) pair.
@@ -30,8 +30,7 @@ class PatchEmbed(nn.Module):
                         (p, p, c, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     patches = F.patchify(images, p).astype(self.dtype)
-    return jnp.dot(patches, kernel.reshape(-1, self.features).astype(self.dtype)) + bias.astype(
-        self.dtype)
+    return dense(patches, kernel.reshape(-1, self.features), bias)
 
 
 def _is_int(x: Any) -> bool:
@@ -119,14 +118,14 @@ class MaskedAutoencoder(nn.Module):
     self.Transformer = Transformer(self.depth, self.num_heads,
                                    int(self.embed_dim * self.mlp_ratio), prefix="encoder",
                                    **common)
-    self.decoder_embed = nn.Dense(self.decoder_embed_dim, dtype=self.dtype,
+    self.decoder_embed = Dense(self.decoder_embed_dim, dtype=self.dtype,
                                   kernel_init=linear_init(self.embed_dim,
                                                           self.decoder_embed_dim))
     self.Decoder = Transformer(self.decoder_depth, self.decoder_num_heads,
                                int(self.decoder_embed_dim * self.mlp_ratio), prefix="decoder",
                                **common)
     out = self.patch_size**2 * self.in_chans
-    self.decoder_pred = nn.Dense(out, dtype=self.dtype,
+    self.decoder_pred = Dense(out, dtype=self.dtype,
                                  kernel_init=linear_init(self.decoder_embed_dim, out))
 
   def _noise(self, batch: int, noise: Optional[jax.Array]) -> jax.Array:
@@ -143,8 +142,8 @@ class MaskedAutoencoder(nn.Module):
     pos = jnp.asarray(F.sincos_pos_embed_2d(self.embed_dim, self.grid), self.dtype)
     x = self.embedding(images) + pos[None, 1:]
     x, mask, ids_restore = F.random_masking(x, mask_ratio, self._noise(x.shape[0], noise))
-    cls = (self.cls + pos[None, :1]).astype(self.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+    cls = broadcast_param(self.cls + pos[None, :1], (x.shape[0], 1, x.shape[-1]), self.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
     return self.Transformer(x), mask, ids_restore
 
   @nn.compact
@@ -156,7 +155,7 @@ class MaskedAutoencoder(nn.Module):
     x = self.decoder_embed(latent)
     b, t, d = x.shape
     n_mask = ids_restore.shape[1] + 1 - t
-    tokens = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_mask, d))
+    tokens = broadcast_param(mask_token, (b, n_mask, d), x.dtype)
     x_ = jnp.concatenate([x[:, 1:], tokens], axis=1)
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
     x = jnp.concatenate([x[:, :1], x_], axis=1)

@@ -37,6 +37,56 @@ def gelu(x: jax.Array) -> jax.Array:
   return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x @ kernel + bias over the last axis of x, in x's dtype, with float32 params.
+
+  The product accumulates in float32 and the bias is added before the one rounding to x's dtype
+  (as torch's addmm under autocast). The hand-written VJP keeps the params' gradients in float32
+  under bfloat16 / float16 compute: the kernel's product and the bias's sum over batch and tokens
+  accumulate in float32 and are never rounded to the compute dtype (autodiff summed the bias
+  gradient in bfloat16: 2-25x torch autocast's error; tests/test_mixed_precision.py). The input's
+  gradient stays in x's dtype, its product in that dtype.
+  """
+  return dense_fwd(x, kernel, bias)[0]
+
+
+def dense_fwd(x, kernel, bias):
+  y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+  return (y + bias).astype(x.dtype), (x, kernel)
+
+
+def dense_bwd(residuals, g):
+  x, kernel = residuals
+  dx = jnp.dot(g, kernel.astype(g.dtype).T)
+  rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dkernel = jnp.dot(rows_x.T, rows_g, preferred_element_type=jnp.float32)
+  dbias = jnp.sum(rows_g, axis=0, dtype=jnp.float32)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias
+
+
+dense.defvjp(dense_fwd, dense_bwd)
+
+
+def broadcast_param(param: jax.Array, shape, dtype: Dtype) -> jax.Array:
+  """A float32 param (a token) broadcast to `shape`, then cast to `dtype`: its gradient is
+  summed over the copies in float32, not in the compute dtype."""
+  return jnp.broadcast_to(param, shape).astype(dtype)
+
+
+class Dense(nn.Module):
+  """nn.Dense's params (kernel [in, out], bias [out]) applied by `dense` in `dtype`."""
+  features: int
+  kernel_init: Callable
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return dense(x.astype(self.dtype), kernel, bias)
+
+
 class MlpBlock(nn.Module):
   """Linear -> exact GELU -> Linear."""
   mlp_dim: int
@@ -45,9 +95,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=linear_init(d, self.mlp_dim))(x)
+    x = Dense(self.mlp_dim, dtype=self.dtype, kernel_init=linear_init(d, self.mlp_dim))(x)
     x = gelu(x)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=linear_init(self.mlp_dim, d))(x)
+    return Dense(d, dtype=self.dtype, kernel_init=linear_init(self.mlp_dim, d))(x)
 
 
 def _softmax_attention_fwd(q, k, v):
@@ -122,7 +172,7 @@ class MultiHeadDotProductAttention(nn.Module):
     shape = (b, t, self.num_heads, head_dim)
     # The official qkv is one Linear(d, 3d): xavier over fans (d, 3d) for each third. Three
     # matmuls rather than one over concatenated kernels: no [d, 3d] copy per step.
-    q, k, v = (nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform_fans(d, 3 * d),
+    q, k, v = (Dense(d, dtype=self.dtype, kernel_init=xavier_uniform_fans(d, 3 * d),
                         name=name)(x).reshape(shape) for name in ("query", "key", "value"))
     if impl == "softmax":
       heads_major = lambda y: y.transpose(0, 2, 1, 3)
@@ -130,7 +180,7 @@ class MultiHeadDotProductAttention(nn.Module):
     else:
       out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     out = out.reshape(b, t, d)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=linear_init(d, d), name="out")(out)
+    return Dense(d, dtype=self.dtype, kernel_init=linear_init(d, d), name="out")(out)
 
 
 class DropPath(nn.Module):
