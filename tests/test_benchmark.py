@@ -163,3 +163,18 @@ def test_train_flops_are_three_times_the_matmuls_the_model_runs(mask_ratio):
   jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, mask_ratio=mask_ratio,
                                                noise=noise))(params)
   assert 3 * _dot_flops(jaxpr.jaxpr) == 2 * train_flops_per_image(m, mask_ratio)
+
+
+def test_cpu_ops_times_every_kind_of_operation_on_both_sides(capsys):
+  from mae_jax.benchmarks import cpu_ops  # pylint: disable=g-import-not-at-top
+  cpu_ops.main(["--rounds=1", "--reps=1", "--batch_size=2",
+                f"--model_overrides={json.dumps(TINY)}"])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  ops = [r["op"] for r in result["rows"]]
+  assert ops == ["attention core (fwd+bwd)", "heads-major layout copies (fwd+bwd)",
+                 "LayerNorm x2 (fwd+bwd)", "GELU (fwd+bwd)", "Linear forward matmuls",
+                 "Linear input-gradient matmuls", "Linear weight-gradient matmuls",
+                 "AdamW (all params)"]
+  assert all(r["mae_jax_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
+  assert result["total"]["mae_jax"] == pytest.approx(sum(r["mae_jax_ms"]
+                                                         for r in result["rows"]))
