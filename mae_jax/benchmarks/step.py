@@ -106,10 +106,11 @@ def profile_summary(trace_dir: str, top: int = 40) -> List[Tuple[str, float, int
   planes = planes or [p for p in data.planes if p.name.startswith("/host:")]
   totals, counts = collections.Counter(), collections.Counter()
   for plane in planes:
-    for line in plane.lines:
-      # GPU planes hold a line of XLA modules and one of the ops inside them: count ops only.
-      if "Modules" in line.name or "Steps" in line.name:
-        continue
+    lines = list(plane.lines)
+    # A device plane may hold derived lines (modules, steps, ops) beside the per-stream kernel
+    # lines: the "XLA Ops" line alone where there is one, else every line but modules and steps.
+    ops = [line for line in lines if line.name == "XLA Ops"]
+    for line in ops or [l for l in lines if "Modules" not in l.name and "Steps" not in l.name]:
       for event in line.events:
         totals[event.name] += event.duration_ns / 1e6
         counts[event.name] += 1
