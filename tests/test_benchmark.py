@@ -40,7 +40,8 @@ def _python(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 def test_importing_the_benchmark_needs_no_tensorflow():
   proc = _python("import mae_jax.benchmark\n"
-                 "from mae_jax.benchmarks import cpu_all, gpu_all, torch_reference\n"
+                 "from mae_jax.benchmarks import cpu_all, cpu_ops, gpu_all, input_pipeline\n"
+                 "from mae_jax.benchmarks import runner, step, torch_reference\n"
                  "import mae_jax.official\n"
                  "print([m for m, v in sys.modules.items() if m.startswith('tensorflow') and v])")
   assert proc.returncode == 0, proc.stderr[-3000:]
