@@ -15,7 +15,6 @@ setup(
         "orbax-checkpoint>=0.12",
         "safetensors>=0.4",  # transformers checkpoints, read and written (mae_jax.convert, export)
         "ml-collections>=1.0",
-        "einops>=0.8",
         "numpy",
         "pillow",
         "absl-py",
@@ -28,6 +27,7 @@ setup(
         "importlib_resources",  # TFDS needs it to register the builders in mae_jax/datasets
         "array-record",
         "opencv-python-headless>=4.8",  # JPEG decode at reduced DCT scale, in the workers
+        "psutil>=5.9",  # the input benchmark's per-process CPU time (mae_jax.benchmarks)
         "scikit-image",
         "scikit-learn",
     ],

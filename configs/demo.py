@@ -8,7 +8,7 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   c = config_lib.pretrain_config("vit_b")
   c.model = config_lib.model_config(
       "vit_b", img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,

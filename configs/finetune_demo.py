@@ -13,7 +13,7 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   c = config_lib.finetune_config("vit_b")
   c.init_from = "workdirs/demo_digits"
   # The encoder of configs/demo.py (from workdirs/demo, at 64x64, its 8x8 position table is

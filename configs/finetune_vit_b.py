@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pretrained MAE ViT-B on ImageNet-1k (RECIPE.md, FINETUNE.md).
+"""End-to-end fine-tuning of a pretrained MAE ViT-B on ImageNet-1k (docs/recipe.md).
 
     python -m mae_jax.main --config=configs/finetune_vit_b.py --workdir=DIR \
         --config.init_from=PRETRAIN_WORKDIR
@@ -8,5 +8,5 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   return config_lib.finetune_config("vit_b")

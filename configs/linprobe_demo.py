@@ -13,7 +13,7 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   c = config_lib.linprobe_config("vit_b")
   c.init_from = "workdirs/demo_digits"
   c.model = config_lib.classifier_model_config(

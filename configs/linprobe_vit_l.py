@@ -1,4 +1,4 @@
-"""Linear probing of a pretrained MAE ViT-L on ImageNet-1k (RECIPE.md, paper Table 10).
+"""Linear probing of a pretrained MAE ViT-L on ImageNet-1k (docs/recipe.md; paper Table 10).
 
     python -m mae_jax.main --config=configs/linprobe_vit_l.py --workdir=DIR \
         --config.init_from=PRETRAIN_WORKDIR
@@ -8,5 +8,5 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   return config_lib.linprobe_config("vit_l")

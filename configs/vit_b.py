@@ -1,4 +1,4 @@
-"""MAE ViT-B pretraining on ImageNet-1k with the paper's recipe (RECIPE.md, Table 8).
+"""MAE ViT-B pretraining on ImageNet-1k with the paper's recipe (docs/recipe.md; paper Table 8).
 
     python -m mae_jax.main --config=configs/vit_b.py --workdir=DIR
 """
@@ -7,5 +7,5 @@ from mae_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.no_variant(arg, __file__)
   return config_lib.pretrain_config("vit_b")

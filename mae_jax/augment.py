@@ -369,13 +369,32 @@ def from_pixels(pixels: jax.Array) -> jax.Array:
   return (pixels.astype(jnp.float32) / 255.0 - mean) / std
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneAugment:
+  """The fields of a fine-tuning config's `config.augment` (mae_jax.config_lib documents them),
+  as hashable values that a jitted step takes as a static argument."""
+  rand_augment: str        # timm RandAugment string ("" = off)
+  reprob: float            # random erasing probability (mode "pixel")
+  mixup: float             # Beta alphas of mixup and cutmix (0 = off)
+  cutmix: float
+  mixup_prob: float
+  mixup_switch_prob: float
+  smoothing: float         # label smoothing
+
+  @classmethod
+  def from_config(cls, augment_config) -> "FinetuneAugment":
+    """From `config.augment` (its fields of these names)."""
+    return cls(**{f.name: augment_config[f.name] for f in dataclasses.fields(cls)})
+
+
 def finetune_augment(key: jax.Array, pixels: jax.Array, labels: jax.Array, num_classes: int,
-                     augment_config) -> Tuple[jax.Array, jax.Array]:
+                     augment_config: FinetuneAugment) -> Tuple[jax.Array, jax.Array]:
   """RandAugment -> normalize -> random erasing -> mixup/cutmix with label smoothing.
 
   `pixels`: the crops as uint8 values [B, H, W, 3] (the input pipeline with normalize=False);
-  `augment_config`: `config.augment`. Returns (normalized images, soft targets [B, K]). A stage
-  set to zero/empty is skipped; label smoothing then still applies to the one-hot targets.
+  `augment_config`: a FinetuneAugment (or `config.augment`). Returns (normalized images, soft
+  targets [B, K]). A stage set to zero/empty is skipped; label smoothing then still applies to
+  the one-hot targets.
   """
   k_ra, k_re, k_mix = jax.random.split(key, 3)
   c = augment_config

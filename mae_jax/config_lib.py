@@ -1,9 +1,11 @@
 """Shared pieces of the configs in configs/: model sizes and the paper's pretraining recipe."""
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
-# ViT sizes of the paper (RECIPE.md); decoder 512 x 8, 16 heads, for all.
+# ViT sizes of the paper (docs/recipe.md); decoder 512 x 8, 16 heads, for all.
 MODEL_SIZES = {
     "vit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_l": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
@@ -21,6 +23,18 @@ def image_size_field(img_size=224) -> config_dict.FieldReference:
   (`mae_jax.models.image_hw`).
   """
   return config_dict.FieldReference(img_size, field_type=object)
+
+
+def no_variant(arg, config_file: str) -> None:
+  """Refuses the `:VARIANT` of `--config=configs/X.py:VARIANT` for a config file that has none
+  (ml_collections hands it to get_config, which would otherwise ignore it)."""
+  if arg:
+    name = os.path.join(os.path.basename(os.path.dirname(config_file)),
+                        os.path.basename(config_file))
+    raise ValueError(
+        f"{name} has no variants, but got {name}:{arg}. Each size and job is its own file "
+        f"(configs/vit_b.py, vit_l.py, vit_h.py, finetune_vit_b.py, ...); change single fields "
+        f"with --config.FIELD=VALUE.")
 
 
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
@@ -135,6 +149,7 @@ def _classifier_common(size: str, mode: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.skip_nonfinite_steps = False  # as in pretraining: stop (False) or skip such an update
+  c.nonfinite_guard = "auto"    # as in pretraining: "cond", "select" or "auto"
   return c
 
 

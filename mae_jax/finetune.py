@@ -27,14 +27,17 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import augment
 from mae_jax import checkpoint
+from mae_jax import config_checks
 from mae_jax import models
 from mae_jax import optim
 from mae_jax import trainer
+# One check for every job's config; importable from here as it always was.
+from mae_jax.config_checks import validate_config  # pylint: disable=unused-import
 from mae_jax.models.classifier import (VisionTransformer, classifier_from_config,
                                        merge_pretrained)
 
 Params = Dict[str, Any]
-MODES = ("finetune", "linprobe")
+MODES = config_checks.CLASSIFIER_JOBS
 
 
 @flax.struct.dataclass
@@ -45,61 +48,6 @@ class FinetuneState:
   opt_state: optax.OptState
   batch_stats: Params   # the linear probe's BatchNorm running statistics ({} otherwise)
   rng: jax.Array        # uint32 key data; step s augments and drops paths with fold_in(rng, s)
-
-
-def validate_config(config: ml_collections.ConfigDict, *,
-                    device_count: Optional[int] = None) -> None:
-  """Raises ValueError listing every wrong field (with its fix) before anything compiles."""
-  device_count = jax.device_count() if device_count is None else device_count
-  m, o = config.model, config.optimizer
-  errors = []
-
-  def check(ok: bool, message: str) -> None:
-    if not ok:
-      errors.append(message)
-
-  check(config.mode in MODES, f"config.mode={config.mode!r} must be one of {MODES}.")
-  check(m.num_classes >= 1, f"config.model.num_classes={m.num_classes} must be the dataset's "
-        f"number of classes (1000 for imagenet2012, 10 for sklearn_digits).")
-  try:
-    height, width = models.image_hw(m.img_size)
-  except ValueError as e:
-    height = width = m.patch_size  # reported here; the checks below then pass
-    errors.append(f"config.model.img_size={m.img_size!r}: {e} (e.g. "
-                  f"--config.model.img_size=224 or --config.model.img_size='(192, 256)').")
-  check(height % m.patch_size == 0 and width % m.patch_size == 0,
-        f"config.model.patch_size={m.patch_size} does not divide config.model.img_size="
-        f"{m.img_size}.")
-  check(height == width, f"config.model.img_size={m.img_size}: the input pipeline makes "
-        f"square crops only; give one size.")
-  check(m.embed_dim % m.num_heads == 0, f"config.model.num_heads={m.num_heads} does not divide "
-        f"config.model.embed_dim={m.embed_dim}.")
-  check(m.dtype in trainer.COMPUTE_DTYPES,
-        f"config.model.dtype={m.dtype!r} is not one of {trainer.COMPUTE_DTYPES}.")
-  check(not (m.scan and m.drop_path), "config.model.scan=True cannot use drop path (its rate "
-        "grows with depth): set config.model.scan=False or config.model.drop_path=0.")
-  if config.mode == "linprobe":
-    check(m.head_batchnorm and not m.global_pool and not m.drop_path,
-          "linear probing uses the cls token, a BatchNorm head and no drop path: set "
-          "config.model.global_pool=False, head_batchnorm=True, drop_path=0.")
-  check(o.lr > 0 or o.blr > 0, f"config.optimizer.blr={o.blr} and config.optimizer.lr={o.lr}: "
-        f"set blr > 0 (lr = blr * batch / 256) or lr > 0.")
-  check(0.0 < o.get("layer_decay", 1.0) <= 1.0,
-        f"config.optimizer.layer_decay={o.get('layer_decay')} must lie in (0, 1].")
-  batch, accum = config.input.batch_size, o.grad_accum_steps
-  check(accum >= 1 and batch % accum == 0,
-        f"config.input.batch_size={batch} is not divisible by config.optimizer.grad_accum_steps="
-        f"{accum}.")
-  check(accum >= 1 and (batch // max(accum, 1)) % device_count == 0,
-        f"config.input.batch_size={batch} (micro-batch {batch // max(accum, 1)}) is not "
-        f"divisible by the {device_count} devices.")
-  check(config.mode == "linprobe" or (not (config.augment.mixup or config.augment.cutmix))
-        or batch % 2 == 0, f"config.input.batch_size={batch} must be even for mixup/cutmix.")
-  check(config.eval_batch_size % device_count == 0,
-        f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
-        f"{device_count} devices.")
-  if errors:
-    raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
 
 
 def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
@@ -177,26 +125,41 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
 
 
+def step_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """`train_step`'s static arguments from a config: plain hashable values, so that no
+  ConfigDict is closed into the jitted step."""
+  return dict(mode=config.mode,
+              augment_options=(None if config.mode == "linprobe" else
+                               augment.FinetuneAugment.from_config(config.augment)),
+              grad_accum_steps=config.optimizer.grad_accum_steps,
+              guard_branch=config_checks.GUARDS[config.get("nonfinite_guard", "auto")])
+
+
 def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
                model: VisionTransformer, tx: optax.GradientTransformation,
-               learning_rate: trainer.Schedule, config: ml_collections.ConfigDict
+               learning_rate: trainer.Schedule, mode: str,
+               augment_options: Optional[augment.FinetuneAugment] = None,
+               grad_accum_steps: int = 1, guard_branch: Optional[bool] = None
                ) -> Tuple[FinetuneState, Dict[str, jax.Array]]:
-  """One optimizer update on a global batch, optionally in micro-batches.
+  """One optimizer update on a global batch, optionally in micro-batches (`step_options` gives
+  the keyword arguments after `learning_rate` from a config).
 
-  `images`: uint8 crops for finetune (augmented and normalized here), normalized for linprobe.
+  `images`: uint8 crops for "finetune" (augmented per `augment_options` and normalized here),
+  normalized for "linprobe"; `labels`: int32 [B]. `guard_branch` is
+  `trainer.update_if_finite`'s `branch` (config.nonfinite_guard).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, drop_key = jax.random.split(key)
   k = model.num_classes
-  if config.mode == "linprobe":
+  if mode == "linprobe":
     targets = jax.nn.one_hot(labels, k)
   else:
-    images, targets = augment.finetune_augment(aug_key, images, labels, k, config.augment)
+    images, targets = augment.finetune_augment(aug_key, images, labels, k, augment_options)
 
   def loss_fn(weights, batch_stats, micro, index):
     images, targets = micro
     params = {**state.params, **weights}
-    if config.mode == "linprobe":
+    if mode == "linprobe":
       features = jax.lax.stop_gradient(model.apply({"params": params}, images,
                                                    method=VisionTransformer.features))
       logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, features,
@@ -208,14 +171,15 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
                            rngs={"dropout": jax.random.fold_in(drop_key, index)})
     return cross_entropy(logits, targets), batch_stats
 
-  weights = trainable(state.params, config.mode)
+  weights = trainable(state.params, mode)
   (loss, batch_stats), grads = trainer.accumulate_gradients(
       jax.value_and_grad(loss_fn, has_aux=True), weights, (images, targets),
-      config.optimizer.grad_accum_steps, state.batch_stats)
+      grad_accum_steps, state.batch_stats)
   # As in train.train_step: a non-finite loss or gradient keeps the old state (the official
   # code stops there; trainer.NonFiniteGuard stops or skips).
   weights, opt_state, batch_stats, grad_norm, finite = trainer.update_if_finite(
-      tx, loss, grads, state.opt_state, weights, state.batch_stats, batch_stats)
+      tx, loss, grads, state.opt_state, weights, state.batch_stats, batch_stats,
+      branch=guard_branch)
   params = {**state.params, **weights}
   metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -266,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   """Fine-tunes or linear-probes per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  job = trainer.prepare(config, validate_config)
+  job = trainer.prepare(config)
   eval_every = config.eval_every_steps or job.steps_per_epoch
   model = create_model(config)
   param_shapes = jax.eval_shape(functools.partial(init_state, model, config,
@@ -291,17 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   data_sharding = trainer.batch_sharding(job.mesh)
   replicated = NamedSharding(job.mesh, P())
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                      learning_rate=job.learning_rate, config=config),
+                                      learning_rate=job.learning_rate, **step_options(config)),
                     in_shardings=(shardings, data_sharding, data_sharding),
                     out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(shardings.params, shardings.batch_stats, data_sharding,
                                   data_sharding, data_sharding), out_shardings=replicated)
 
-  eval_source = input_pipeline.open_eval_source(config.input)
-
   def run_eval(step: int, state: FinetuneState) -> None:
-    row = evaluate(config, state, eval_fn, data_sharding, eval_source)
+    row = evaluate(config, state, eval_fn, data_sharding, job.eval_source)
     logging.info("step %d: eval top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d examples)", step,
                  row["eval_top1"], row["eval_top5"], row["eval_loss"], row["eval_examples"])
     session.writer.write_scalars(step, row)

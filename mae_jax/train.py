@@ -1,14 +1,14 @@
-"""MAE pretraining: its config checks, optimizer, sharded train state, the jitted step and
+"""MAE pretraining: its optimizer, sharded train state, the jitted step and
 `train_and_evaluate`. The machinery it shares with fine-tuning (mesh, schedule, non-finite
-guard, preemption, reporting, the loop) is mae_jax.trainer; the names of it that users import
-from here (`MESH_AXES`, `batch_sharding`, `create_learning_rate_fn`, ...) stay importable.
+guard, preemption, reporting, the loop) is mae_jax.trainer, the one check of every job's config
+mae_jax.config_checks; the names of them that users import from here (`validate_config`,
+`MESH_AXES`, `batch_sharding`, `create_learning_rate_fn`, ...) stay importable.
 
 Everything here is importable without TensorFlow: the input pipeline (which uses it) is imported
 inside `train_and_evaluate` only, so GPU hosts can run the step, tests and benchmarks without it.
 """
 
 import functools
-import math
 from typing import Callable, Dict, Optional, Tuple
 
 import flax.struct
@@ -27,12 +27,12 @@ from mae_jax import optim
 from mae_jax import trainer
 from mae_jax import visualize
 from mae_jax import writers
-from mae_jax.models.functional import num_kept
-# The shared trainer's names that users import from here (mae_jax's public interface).
+# Names that users import from here (mae_jax's public interface).
+from mae_jax.config_checks import (  # pylint: disable=unused-import
+    COMPUTE_DTYPES, GUARDS, validate_config)
 from mae_jax.trainer import (  # pylint: disable=unused-import
-    BATCH_AXES, COMPUTE_DTYPES, GUARDS, MESH_AXES, Params, Schedule, base_learning_rate,
-    batch_sharding, create_learning_rate_fn, fsdp_sharding, make_mesh, num_train_steps,
-    update_if_finite)
+    BATCH_AXES, MESH_AXES, Params, Schedule, base_learning_rate, batch_sharding,
+    create_learning_rate_fn, fsdp_sharding, make_mesh, num_train_steps, update_if_finite)
 
 
 @flax.struct.dataclass
@@ -42,118 +42,6 @@ class TrainState:
   params: Params
   opt_state: optax.OptState
   rng: jax.Array        # uint32 key data; masking noise of step s uses fold_in(rng, s)
-
-
-# --- configuration checks -------------------------------------------------------------------
-
-def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional[int] = None,
-                    process_count: Optional[int] = None) -> None:
-  """Raises ValueError listing every wrong field (with its fix) before anything compiles."""
-  device_count = jax.device_count() if device_count is None else device_count
-  process_count = jax.process_count() if process_count is None else process_count
-  m, o, mesh = config.model, config.optimizer, config.mesh
-  errors = []
-
-  def check(ok: bool, message: str) -> None:
-    if not ok:
-      errors.append(message)
-
-  try:
-    height, width = models.image_hw(m.img_size)
-  except ValueError as e:
-    errors.append(f"config.model.img_size={m.img_size!r}: {e} (e.g. "
-                  f"--config.model.img_size=224 or --config.model.img_size='(192, 256)').")
-  positive = [("model.patch_size", m.patch_size),
-              ("model.in_chans", m.in_chans), ("model.embed_dim", m.embed_dim),
-              ("model.num_heads", m.num_heads), ("model.decoder_embed_dim", m.decoder_embed_dim),
-              ("model.decoder_num_heads", m.decoder_num_heads), ("input.batch_size",
-               config.input.batch_size), ("optimizer.grad_accum_steps", o.grad_accum_steps),
-              ("log_every_steps", config.log_every_steps),
-              ("checkpoint_every_steps", config.checkpoint_every_steps),
-              ("keep_checkpoints", config.keep_checkpoints), ("mesh.fsdp", mesh.fsdp)]
-  for name, value in positive:
-    check(value >= 1, f"config.{name}={value} must be at least 1.")
-  if errors:  # the checks below divide by these
-    raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
-
-  check(height % m.patch_size == 0 and width % m.patch_size == 0,
-        f"config.model.patch_size={m.patch_size} does not divide config.model.img_size="
-        f"{m.img_size}; choose a patch size that divides the image size (e.g. "
-        f"{_divisor_near(math.gcd(height, width), m.patch_size)}).")
-  check(0.0 <= m.mask_ratio < 1.0,
-        f"config.model.mask_ratio={m.mask_ratio} is outside [0, 1); the paper uses 0.75.")
-  patches = (height // m.patch_size) * (width // m.patch_size)
-  check(not 0.0 <= m.mask_ratio < 1.0 or num_kept(patches, m.mask_ratio) < patches,
-        f"config.model.mask_ratio={m.mask_ratio} masks none of the {patches} patches, and the "
-        f"loss is the error on masked patches only (0/0, as in the official code): use at least "
-        f"{1 / patches:.4g} (one patch); the paper uses 0.75.")
-  check(height == width, f"config.model.img_size={m.img_size}: the input pipeline makes "
-        f"square crops only; give one size.")
-  check(m.in_chans == 3, f"config.model.in_chans={m.in_chans}: the input pipeline gives RGB "
-        f"images; set it to 3.")
-  for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
-    check(m[width] % m[heads] == 0,
-          f"config.model.{heads}={m[heads]} does not divide config.model.{width}={m[width]}; "
-          f"pick a head count that divides the width.")
-    check(m[width] % 4 == 0, f"config.model.{width}={m[width]}: the 2D sin-cos position table "
-          f"needs a width divisible by 4.")
-  for name in ("depth", "decoder_depth"):
-    check(m[name] >= 0, f"config.model.{name}={m[name]} must be >= 0.")
-  check(m.dtype in COMPUTE_DTYPES,
-        f"config.model.dtype={m.dtype!r} is not one of {COMPUTE_DTYPES}.")
-  check(config.get("nonfinite_guard", "auto") in GUARDS,
-        f"config.nonfinite_guard={config.get('nonfinite_guard')!r} is not one of "
-        f"{tuple(GUARDS)}.")
-
-  check(o.lr > 0 or o.blr > 0, f"config.optimizer.blr={o.blr} and config.optimizer.lr={o.lr}: "
-        f"set blr > 0 (lr = blr * batch / 256) or lr > 0.")
-  for name in ("b1", "b2"):
-    check(0.0 <= o[name] < 1.0, f"config.optimizer.{name}={o[name]} must lie in [0, 1).")
-  check(o.weight_decay >= 0, f"config.optimizer.weight_decay={o.weight_decay} must be >= 0.")
-  check(o.get("weight_decay_groups", "official") in optim.DECAY_GROUPS,
-        f"config.optimizer.weight_decay_groups={o.get('weight_decay_groups')!r} is not one of "
-        f"{optim.DECAY_GROUPS} (\"official\": main_pretrain.py's groups; \"kernels\": the "
-        f"weight matrices only).")
-
-  batch, accum = config.input.batch_size, o.grad_accum_steps
-  check(batch % accum == 0,
-        f"config.input.batch_size={batch} is not divisible by config.optimizer.grad_accum_steps="
-        f"{accum}; the global batch is split into that many equal micro-batches, so choose a "
-        f"divisor of {batch}.")
-  check(batch % process_count == 0,
-        f"config.input.batch_size={batch} is not divisible by the {process_count} processes; "
-        f"use a multiple of {process_count}.")
-  micro = batch // accum
-  check(micro % device_count == 0,
-        f"config.input.batch_size={batch} is not divisible by the {device_count} devices"
-        + (f" in {accum} micro-batches (config.optimizer.grad_accum_steps={accum})"
-           if accum > 1 else "") + f"; use a multiple of {device_count * accum}.")
-  if mesh.data == -1:
-    check(device_count % mesh.fsdp == 0,
-          f"config.mesh.fsdp={mesh.fsdp} does not divide the {device_count} devices; choose a "
-          f"divisor of {device_count}.")
-  else:
-    check(mesh.data >= 1 and mesh.data * mesh.fsdp == device_count,
-          f"config.mesh.data={mesh.data} x config.mesh.fsdp={mesh.fsdp} must equal the "
-          f"{device_count} devices; set config.mesh.data=-1 to use all remaining devices.")
-
-  check(config.total_steps >= 0, f"config.total_steps={config.total_steps} must be >= 0 "
-        f"(0 = derive it from config.num_epochs).")
-  check(config.total_steps > 0 or config.num_epochs > 0,
-        f"config.num_epochs={config.num_epochs} must be > 0 when config.total_steps is 0.")
-  check(config.warmup_epochs >= 0, f"config.warmup_epochs={config.warmup_epochs} must be >= 0.")
-  check(config.get("warmup_steps", 0) >= 0,
-        f"config.warmup_steps={config.get('warmup_steps')} must be >= 0 (0 = use warmup_epochs).")
-  check(config.reconstruction_every_steps >= 0,
-        f"config.reconstruction_every_steps={config.reconstruction_every_steps} must be >= 0 "
-        f"(0 = only at the end).")
-  if errors:
-    raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
-
-
-def _divisor_near(n: int, k: int) -> int:
-  """The divisor of n closest to k (a suggestion for error messages)."""
-  return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
 # --- optimizer --------------------------------------------------------------------------------
@@ -278,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrains per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  job = trainer.prepare(config, validate_config)
+  job = trainer.prepare(config)
   model = models.from_config(config.model)
   tx = create_optimizer(config, job.learning_rate)
   abstract_state = abstract_train_state(model, tx, config.seed, job.mesh)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
+from mae_jax import config_checks
 from mae_jax import writers
 
 Params = Dict[str, Any]
@@ -32,7 +33,6 @@ Schedule = Callable[[jax.Array], jax.Array]
 MESH_AXES = ("data", "fsdp")
 # The batch is split over every device: data parallel across both mesh axes, as FSDP does.
 BATCH_AXES = MESH_AXES
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --- mesh and shardings ---------------------------------------------------------------------
@@ -94,28 +94,21 @@ def base_learning_rate(config: ml_collections.ConfigDict) -> float:
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
   """Linear warmup from 0, then a half-cycle cosine to `config.optimizer.min_lr` (default 0),
-  evaluated per optimizer step.
+  evaluated per optimizer step (optax.warmup_cosine_decay_schedule).
 
-  The official code sets lr from the fractional epoch step / steps_per_epoch, which is the same
-  curve in steps. `config.warmup_steps` > 0 overrides `config.warmup_epochs`.
+  The official code (util/lr_sched.py) sets lr from the fractional epoch step / steps_per_epoch,
+  which is the same curve in steps. `config.warmup_steps` > 0 overrides `config.warmup_epochs`.
+  Raises ValueError when the warmup is not shorter than the run.
   """
-  base = base_learning_rate(config)
-  floor = config.optimizer.get("min_lr", 0.0)  # fine-tuning's 1e-6
   total = num_train_steps(config, steps_per_epoch)
   warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
   if warmup >= total:
     raise ValueError(f"The warmup ({warmup} steps, from config.warmup_epochs / "
                      f"config.warmup_steps) must be shorter than training ({total} steps, from "
                      f"config.total_steps / config.num_epochs); shorten the warmup.")
-
-  def learning_rate(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = base * step / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
-    cosine = floor + (base - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup, warm, cosine)
-
-  return learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=base_learning_rate(config), warmup_steps=warmup,
+      decay_steps=total, end_value=config.optimizer.get("min_lr", 0.0))  # fine-tuning's 1e-6
 
 
 # --- inside the step -------------------------------------------------------------------------
@@ -148,10 +141,6 @@ def accumulate_gradients(grad_fn: Callable, params: Params, batch: Tuple[jax.Arr
       add, zeros, (tuple(split(x) for x in batch), jnp.arange(steps)))
   loss, grads = jax.tree.map(lambda x: x / steps, (loss, grads))
   return (loss, aux), grads
-
-
-# config.nonfinite_guard -> update_if_finite's `branch`.
-GUARDS = {"auto": None, "cond": True, "select": False}
 
 
 def update_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: Params,
@@ -393,25 +382,42 @@ class Job:
   total: int             # the optimizer step the run ends at
   learning_rate: Schedule
   source: Any            # the training split (input_pipeline.Source), opened once per run
+  eval_source: Any       # the evaluation split of fine-tuning and probing, else None
 
   @property
   def batch_size(self) -> int:
     return self.config.input.batch_size
 
 
-def prepare(config: ml_collections.ConfigDict,
-            validate: Callable[[ml_collections.ConfigDict], None]) -> Job:
-  """The setup every job starts with: `validate(config)` and the input's own checks (both
-  raise ValueError naming the fields to fix), then the data's size, the schedule and the mesh.
-  Nothing is compiled or written yet."""
+def prepare(config: ml_collections.ConfigDict) -> Job:
+  """The setup every job starts with: the one check of the config (config_checks) together with
+  the input's and what must agree with the data (its classes, the warmup against its size),
+  raising one config_checks.ConfigError that lists every wrong field; then the data's size, the
+  schedule and the mesh. Each dataset split is opened here, once per run. Nothing is compiled
+  or written yet."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  validate(config)
-  source = input_pipeline.validate(config.input)
+  errors = config_checks.config_problems(config, device_count=jax.device_count(),
+                                         process_count=jax.process_count())
+  errors += input_pipeline.config_problems(config.input)
+  source = eval_source = None
+  try:
+    source = input_pipeline.open_source(config.input)
+    if config.get("mode") in config_checks.CLASSIFIER_JOBS:
+      eval_source = input_pipeline.open_eval_source(config.input)
+  except ValueError as e:  # the dataset is missing, unprepared, or has no such split
+    errors.append(str(e))
+  if source is not None:
+    errors += config_checks.data_problems(
+        config, num_examples=len(source), num_classes=source.num_classes,
+        eval_classes=-1 if eval_source is None else eval_source.num_classes)
+  if errors:
+    raise config_checks.ConfigError(errors)
   steps_per_epoch = max(1, len(source) // config.input.batch_size)
   return Job(config=config, mesh=make_mesh(config), num_examples=len(source),
              steps_per_epoch=steps_per_epoch, total=num_train_steps(config, steps_per_epoch),
-             learning_rate=create_learning_rate_fn(config, steps_per_epoch), source=source)
+             learning_rate=create_learning_rate_fn(config, steps_per_epoch), source=source,
+             eval_source=eval_source)
 
 
 class Session:

@@ -192,8 +192,11 @@ if __name__ == "__main__":
   _IMAGES = flags.DEFINE_list("images", None, "Image files (default: scikit-image's samples).")
   _OUTPUT = flags.DEFINE_string("output", None, "Where to write the PNG (default "
                                 "WORKDIR/visualize.png).")
-  _MASK_RATIO = flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed (default: "
-                                   "the config's model.mask_ratio).")
+  _MASK_RATIO = flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed, in [0, 1) "
+                                   "(default: the config's model.mask_ratio).")
+  flags.register_validator("mask_ratio", lambda r: r is None or 0.0 <= r < 1.0,
+                           "must lie in [0, 1): the fraction of patches removed (the paper's "
+                           "0.75); 1.0 would leave the encoder no patch to see.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masking noise.")
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "The model's config, for params without a config.json.")

@@ -52,7 +52,7 @@ def _setup(config):
   tx = finetune.create_optimizer(config, finetune.trainable(shapes, config.mode), lr)
   state = jax.jit(functools.partial(finetune.init_state, model, config, tx))()
   step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, learning_rate=lr,
-                                   config=config))
+                                   **finetune.step_options(config)))
   return model, tx, state, step
 
 

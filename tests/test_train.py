@@ -49,7 +49,8 @@ def test_learning_rate_is_linear_warmup_then_half_cosine_with_blr_scaling():
                          (warmup + (total - warmup) // 2, peak / 2),
                          (warmup + (total - warmup) // 4, peak * 0.5 * (1 + math.cos(math.pi / 4))),
                          (total, 0.0), (total + 50, 0.0)]:
-    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6, atol=1e-12,
+    # optax's schedule computes in float32: a few ulps from the exact curve.
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-5, atol=1e-12,
                                err_msg=f"step {step}")
 
 
@@ -57,7 +58,7 @@ def test_explicit_lr_and_warmup_steps_override_blr_and_warmup_epochs():
   c = _config(**{"optimizer.lr": 1e-3, "warmup_steps": 20, "total_steps": 300})
   lr = train.create_learning_rate_fn(c, steps_per_epoch=7)
   np.testing.assert_allclose([float(lr(s)) for s in (0, 10, 20, 160, 300)],
-                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], rtol=1e-6, atol=1e-12)
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-12)
 
 
 def test_warmup_longer_than_training_is_refused_naming_the_fields():

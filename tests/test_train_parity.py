@@ -257,7 +257,7 @@ def _jax_classifier(c, params):
       opt_state=tx.init(finetune.trainable(params, c.mode)), batch_stats=stats,
       rng=jax.random.key_data(jax.random.key(c.seed)))
   step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, learning_rate=lr,
-                                   config=c))
+                                   **finetune.step_options(c)))
   return state, step
 
 

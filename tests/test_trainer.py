@@ -66,7 +66,7 @@ def test_a_run_opens_its_training_data_once(monkeypatch):
   config.input.num_workers = 0
   config.total_steps = 10
   config.warmup_steps = 2
-  job = trainer.prepare(config, lambda c: None)
+  job = trainer.prepare(config)
   assert job.num_examples == len(job.source) and job.total == 10
   # What train.train_and_evaluate does with the job's source.
   batches = input_pipeline.create_iterator(config.input, image_size=16, seed=0, train=True,

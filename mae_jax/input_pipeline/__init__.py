@@ -35,11 +35,11 @@ from mae_jax.input_pipeline.sources import (FOLDER_PREFIX, SHIPPED, FolderSource
                                             TfdsSource, default_eval_split, open_source)
 
 __all__ = [
-    "validate", "open_source", "default_eval_split", "open_eval_source", "num_examples",
-    "num_classes", "create_iterator", "to_global", "Source", "FolderSource", "TfdsSource",
-    "Sampler", "BatchMaker", "DecodedCache", "decode_and_crop", "random_resized_crop_box",
-    "center_crop_box", "normalize", "file_issue_counts", "IMAGENET_MEAN", "IMAGENET_STD",
-    "AUGMENTS", "SHIPPED", "FOLDER_PREFIX", "SKIPPED",
+    "validate", "config_problems", "open_source", "default_eval_split", "open_eval_source",
+    "num_examples", "num_classes", "create_iterator", "to_global", "Source", "FolderSource",
+    "TfdsSource", "Sampler", "BatchMaker", "DecodedCache", "decode_and_crop",
+    "random_resized_crop_box", "center_crop_box", "normalize", "file_issue_counts",
+    "IMAGENET_MEAN", "IMAGENET_STD", "AUGMENTS", "SHIPPED", "FOLDER_PREFIX", "SKIPPED",
 ]
 
 
@@ -47,32 +47,42 @@ def _num_workers(requested: int) -> int:
   return len(os.sched_getaffinity(0)) if requested < 0 else requested
 
 
+def config_problems(input_config: ml_collections.ConfigDict) -> list[str]:
+  """Every wrong field of input_config (each naming the field and its fix), without opening
+  the dataset."""
+  c = input_config
+  errors = []
+  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
+    errors.append(f"input.batch_size={c.batch_size!r} must be a positive integer (global).")
+  lo, hi = c.crop_scale
+  if not 0 < lo <= hi <= 1:
+    errors.append(f"input.crop_scale={tuple(c.crop_scale)} must satisfy 0 < lo <= hi <= 1.")
+  lo, hi = c.crop_ratio
+  if not 0 < lo <= hi:
+    errors.append(f"input.crop_ratio={tuple(c.crop_ratio)} must satisfy 0 < lo <= hi.")
+  if c.num_workers < -1:
+    errors.append(f"input.num_workers={c.num_workers}: use -1 (one per core), 0 (decode in "
+                  "this process) or a count.")
+  if c.prefetch < 0:
+    errors.append(f"input.prefetch={c.prefetch} must be >= 0.")
+  if not isinstance(c.get("decoded_cache_mb", 0), int) or c.get("decoded_cache_mb", 0) < 0:
+    errors.append(f"input.decoded_cache_mb={c.decoded_cache_mb!r} must be an integer >= 0 "
+                  "(0: no cache).")
+  if not 0 < c.get("eval_crop_pct", 0.875) <= 1:
+    errors.append(f"input.eval_crop_pct={c.eval_crop_pct} must be in (0, 1].")
+  return errors
+
+
 def validate(input_config: ml_collections.ConfigDict) -> Source:
   """Checks input_config and that its dataset is ready (building the shipped ones); returns the
   training split's source, for `create_iterator(..., source=...)` (opened once per run).
 
-  Raises ValueError that names the config field and says how to fix it.
+  Raises ValueError that names every wrong field and says how to fix it.
   """
-  c = input_config
-  if not isinstance(c.batch_size, int) or c.batch_size <= 0:
-    raise ValueError(f"input.batch_size={c.batch_size!r} must be a positive integer (global).")
-  lo, hi = c.crop_scale
-  if not 0 < lo <= hi <= 1:
-    raise ValueError(f"input.crop_scale={tuple(c.crop_scale)} must satisfy 0 < lo <= hi <= 1.")
-  lo, hi = c.crop_ratio
-  if not 0 < lo <= hi:
-    raise ValueError(f"input.crop_ratio={tuple(c.crop_ratio)} must satisfy 0 < lo <= hi.")
-  if c.num_workers < -1:
-    raise ValueError(f"input.num_workers={c.num_workers}: use -1 (one per core), 0 (decode "
-                     "in this process) or a count.")
-  if c.prefetch < 0:
-    raise ValueError(f"input.prefetch={c.prefetch} must be >= 0.")
-  if not isinstance(c.get("decoded_cache_mb", 0), int) or c.get("decoded_cache_mb", 0) < 0:
-    raise ValueError(f"input.decoded_cache_mb={c.decoded_cache_mb!r} must be an integer >= 0 "
-                     "(0: no cache).")
-  if not 0 < c.get("eval_crop_pct", 0.875) <= 1:
-    raise ValueError(f"input.eval_crop_pct={c.eval_crop_pct} must be in (0, 1].")
-  return open_source(c)
+  errors = config_problems(input_config)
+  if errors:
+    raise ValueError("Invalid input config:\n  " + "\n  ".join(errors))
+  return open_source(input_config)
 
 
 def open_eval_source(input_config: ml_collections.ConfigDict) -> Source:

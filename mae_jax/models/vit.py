@@ -138,7 +138,8 @@ def default_attention_impl(dtype: Dtype, head_dim: int) -> str:
 
   "softmax" (`softmax_attention`) on CPU; "cudnn" (flash attention) on NVIDIA GPUs for the
   dtypes and head sizes cuDNN takes, since `jax.nn.dot_product_attention(implementation=None)`
-  still means XLA's kernel (4.7x slower on an H100, ANCHORS.md); "xla" otherwise.
+  still means XLA's kernel (0.66 ms against cuDNN's 0.14 ms at [256, 197, 8, 64] bf16, measured
+  on one H100 80GB); "xla" otherwise.
   """
   backend = jax.default_backend()
   if backend == "cpu":

@@ -1,0 +1,179 @@
+"""One check of the config for every job, and errors a person can read.
+
+A wrong config of any job (pretraining, fine-tuning, linear probing) fails before anything is
+compiled or written, listing every wrong field with its fix, including what must agree with the
+data; the command line answers a wrong flag, file or field in a few lines with exit status 2.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from mae_jax import config_checks, config_lib, finetune, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+            dtype="float32")
+
+
+def _classifier_config(mode: str, **overrides):
+  """A tiny fine-tuning or probing config on the shipped digits (10 classes)."""
+  if mode == "finetune":
+    c = config_lib.finetune_config("vit_b")
+    c.model = config_lib.classifier_model_config("vit_b", **TINY)
+    c.augment.rand_augment = ""
+  else:
+    c = config_lib.linprobe_config("vit_b")
+    c.model = config_lib.classifier_model_config("vit_b", global_pool=False,
+                                                 head_batchnorm=True, **TINY)
+  c.init_from = ""
+  c.input.dataset = "sklearn_digits"
+  c.input.batch_size = 8
+  c.input.num_workers = 0
+  c.eval_batch_size = 120
+  c.total_steps = 4
+  c.warmup_steps = 1
+  c.optimizer.lr = 1e-3
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_one_input_channel_fails_before_anything_is_written(tmp_path, mode):
+  # Before: the state was built, config.json, checkpoints/ and tensorboard/ written, and step 1
+  # failed on the images' shape, naming no config field.
+  workdir = tmp_path / "run"
+  with pytest.raises(config_checks.ConfigError) as e:
+    finetune.train_and_evaluate(_classifier_config(mode, **{"model.in_chans": 1}), str(workdir))
+  assert "config.model.in_chans=1: the input pipeline gives RGB images; set it to 3." in str(
+      e.value)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("num_classes", [5, 1])
+def test_fewer_classes_than_the_data_has_fails_naming_the_right_count(tmp_path, num_classes):
+  # Before: 5 classes trained to exit 0 with eval_loss nan; 1 class to a loss of 0.0.
+  workdir = tmp_path / "run"
+  with pytest.raises(config_checks.ConfigError) as e:
+    finetune.train_and_evaluate(
+        _classifier_config("finetune", **{"model.num_classes": num_classes}), str(workdir))
+  assert (f"config.model.num_classes={num_classes}, but input.dataset='sklearn_digits' has 10 "
+          f"classes; set config.model.num_classes=10.") in str(e.value)
+  assert not workdir.exists()
+
+
+def test_every_wrong_field_of_a_finetuning_config_is_listed_at_once(tmp_path):
+  config = _classifier_config("finetune", **{
+      "model.in_chans": 1, "model.num_classes": 5, "log_every_steps": 0,
+      "checkpoint_every_steps": 0, "warmup_steps": 10, "input.crop_scale": (0.5, 0.2)})
+  with pytest.raises(config_checks.ConfigError) as e:
+    finetune.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(e.value.problems) == 6, e.value.problems
+  for field in ("model.in_chans=1", "model.num_classes=5", "config.log_every_steps=0",
+                "config.checkpoint_every_steps=0", "input.crop_scale=(0.5, 0.2)",
+                "shorten the warmup"):
+    assert field in str(e.value), str(e.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_same_validator_serves_every_job():
+  assert train.validate_config is finetune.validate_config is config_checks.validate_config
+  pretrain = config_lib.pretrain_config("vit_b")
+  pretrain.model.in_chans = 1
+  probe = _classifier_config("linprobe", **{"model.in_chans": 1, "model.global_pool": True})
+  for config, extra in ((pretrain, None), (probe, "linear probing uses the cls token")):
+    with pytest.raises(ValueError) as e:
+      train.validate_config(config, device_count=8, process_count=1)
+    assert "config.model.in_chans=1" in str(e.value)
+    assert extra is None or extra in str(e.value)
+
+
+@pytest.mark.parametrize("guard,branches", [("cond", True), ("select", False)])
+def test_config_nonfinite_guard_chooses_the_finetuning_steps_guard(guard, branches):
+  config = _classifier_config("finetune", nonfinite_guard=guard)
+  model = finetune.create_model(config)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  tx = finetune.create_optimizer(config, jax.eval_shape(
+      lambda: finetune.init_state(model, config, finetune.optax.identity())).params, lr)
+  state = jax.eval_shape(lambda: finetune.init_state(model, config, tx))
+  options = finetune.step_options(config)
+  assert options["guard_branch"] is branches
+  images = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.uint8)
+  labels = jax.ShapeDtypeStruct((8,), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda s, x, y: finetune.train_step(
+      s, x, y, model=model, tx=tx, learning_rate=lr, **options))(state, images, labels)
+  assert ("cond[" in str(jaxpr)) is branches
+
+
+def _main(tmp_path, *args, module="mae_jax.main"):
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _assert_short_error(result, *expected):
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in result.stderr and len(lines) <= 6, result.stderr
+  for text in expected:
+    assert text in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.model.mask_ration=0.5"], ["has no field config.model.mask_ration",
+                                          "Did you mean --config.model.mask_ratio?"]),
+    (["--config.model.patch_size=5", "--config.optimizer.b2=1.0"],
+     ["config.model.patch_size=5 does not divide config.model.img_size=64",
+      "config.optimizer.b2=1.0 must lie in [0, 1)", "docs/configs.md"]),
+], ids=["typo", "two_wrong_values"])
+def test_main_answers_a_wrong_field_in_a_few_lines(tmp_path, args, expected):
+  result = _main(tmp_path, f"--config={REPO}/configs/demo.py", "--workdir=run", *args)
+  _assert_short_error(result, *expected)
+  assert result.returncode == 2
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config,expected", [
+    ("configs/no_such.py", "no such config file"),
+    ("configs/vit_b.py:L/16", "configs/vit_b.py has no variants"),
+], ids=["missing_file", "variant"])
+def test_main_answers_a_wrong_config_file_in_a_few_lines(tmp_path, config, expected):
+  result = _main(tmp_path, f"--config={REPO}/{config}", "--workdir=run")
+  _assert_short_error(result, expected)
+  assert result.returncode == 2
+  assert not (tmp_path / "run").exists()
+
+
+def test_visualize_refuses_a_mask_ratio_of_one_in_a_few_lines(tmp_path):
+  result = _main(tmp_path, "--workdir=run", "--mask_ratio=1.0", module="mae_jax.visualize")
+  _assert_short_error(result, "--mask_ratio=1.0: must lie in [0, 1)")
+
+
+def test_help_says_where_the_config_fields_are_documented():
+  from mae_jax import main  # pylint: disable=g-import-not-at-top  # defines the flags
+  assert "docs/configs.md" in flags.FLAGS["config"].help
+  assert "docs/configs.md" in main.__doc__
+  assert (REPO / "docs" / "configs.md").is_file()
+
+
+def _fields(config, prefix=""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _fields(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key
+
+
+def test_every_field_of_every_job_is_documented():
+  doc = (REPO / "docs" / "configs.md").read_text()
+  for make in (config_lib.pretrain_config, config_lib.finetune_config,
+               config_lib.linprobe_config):
+    missing = [f for f in _fields(make("vit_b")) if f"`{f}`" not in doc]
+    assert not missing, missing
