@@ -19,6 +19,7 @@ setup(
         "pillow",
         "absl-py",
         "tensorboard",
+        "tqdm",  # the progress bar (mae_jax.writers)
         "matplotlib",  # mae_jax.plot's curves
         # The input pipeline. The model, the train step and the benchmark import none of these,
         # so GPU hosts without TensorFlow can run them from a source checkout.

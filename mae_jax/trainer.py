@@ -279,7 +279,6 @@ class Reporter:
            "eta_s": (self._total - step) / max(steps_per_s, 1e-9)}
     if "nonfinite" in values[-1]:
       row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
-    self._bar.clear()
     logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f  %.1f img/s  "
                  "ETA %s", step, self._total, row["epoch"], row["loss"], row["lr"],
                  row["grad_norm"], row["img_per_s"], writers.format_duration(row["eta_s"]))
@@ -464,11 +463,10 @@ class Session:
     return self.state, step
 
   def flush(self) -> None:
-    """Reports the training interval that has ended and clears the progress bar, so that a
-    row written now (an evaluation) comes after it."""
+    """Reports the training interval that has ended, so that a row written now (an
+    evaluation) comes after it."""
     if self._reporter is not None:
       self._reporter.flush()
-      self._bar.clear()
 
   def close(self) -> None:
     """The close-down: waits for the last checkpoint to be written, then closes the manager

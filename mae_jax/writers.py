@@ -198,38 +198,58 @@ class MetricWriter:
 
 
 class ProgressBar:
-  """A one-line progress bar on stdout, drawn only when stdout is a terminal."""
+  """tqdm's progress bar on stderr, drawn only when stderr is a terminal. While it is drawn,
+  whatever else goes to stderr (absl's log lines, warnings) is written above it with
+  tqdm.write, so a log line never lands inside the bar. The API (`update` to a step,
+  `set_postfix`, `clear`, `close`) is what the trainer and extract use."""
 
-  def __init__(self, total: int, *, initial: int = 0, enabled: bool = True, width: int = 30):
-    self._total, self._step, self._width = total, initial, width
-    self._postfix = ""
-    self._enabled = enabled and sys.stdout.isatty()
+  def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
+    import tqdm  # pylint: disable=g-import-not-at-top  # only where a bar is made
+    self._enabled = enabled and sys.stderr.isatty()
+    self._stderr = sys.stderr
+    self._bar = tqdm.tqdm(total=total, initial=initial, disable=not self._enabled,
+                          file=self._stderr, unit="step", dynamic_ncols=True)
+    self._handler = None
+    if self._enabled:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      above = _AboveBar(self._stderr)
+      sys.stderr = above
+      # absl's handler holds its own reference to stderr; it must write through the same
+      # object, or it would also write each line to sys.stderr a second time.
+      handler = logging.get_absl_handler().python_handler
+      if handler.stream is self._stderr:
+        self._handler, handler.stream = handler, above
 
   def update(self, step: int) -> None:
-    self._step = step
-    self._draw()
+    """Moves the bar to `step`."""
+    self._bar.update(step - self._bar.n)
 
   def set_postfix(self, text: str) -> None:
-    self._postfix = text
-    self._draw()
-
-  def _draw(self) -> None:
-    if not self._enabled:
-      return
-    done = int(self._width * self._step / max(self._total, 1))
-    bar = "#" * done + "." * (self._width - done)
-    sys.stdout.write(f"\r\x1b[K[{bar}] {self._step}/{self._total}  {self._postfix}")
-    sys.stdout.flush()
+    self._bar.set_postfix_str(text)
 
   def clear(self) -> None:
-    """Erases the bar so that a log line can take its place (it is redrawn on update)."""
-    if self._enabled:
-      sys.stdout.write("\r\x1b[K")
-      sys.stdout.flush()
+    """Erases the bar until its next update."""
+    self._bar.clear()
 
   def close(self) -> None:
+    self._bar.close()
     if self._enabled:
-      self._draw()
-      sys.stdout.write("\n")
-      sys.stdout.flush()
+      sys.stderr = self._stderr
+      if self._handler is not None:
+        self._handler.stream = self._stderr
+        self._handler = None
       self._enabled = False
+
+
+class _AboveBar:
+  """stderr, with every write put above tqdm's bars (tqdm.write)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> None:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.tqdm.write(text, file=self._stream, end="")
+
+  def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+    return getattr(self._stream, name)

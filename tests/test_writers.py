@@ -2,11 +2,13 @@
 
 import io
 import json
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from mae_jax import writers
 
@@ -64,19 +66,38 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_draws_only_on_a_terminal(monkeypatch):
   terminal = _Terminal()
-  monkeypatch.setattr(sys, "stdout", terminal)
-  bar = writers.ProgressBar(10, initial=0, width=10)
+  monkeypatch.setattr(sys, "stderr", terminal)
+  bar = writers.ProgressBar(10, initial=0)
   bar.update(5)
   bar.set_postfix("loss 0.5")
   bar.close()
-  assert "\r\x1b[K[#####.....] 5/10  loss 0.5" in terminal.getvalue()
-  assert terminal.getvalue().endswith("\n")
+  assert "5/10" in terminal.getvalue() and "loss 0.5" in terminal.getvalue()
   piped = io.StringIO()
-  monkeypatch.setattr(sys, "stdout", piped)
+  monkeypatch.setattr(sys, "stderr", piped)
   bar = writers.ProgressBar(10)
   bar.update(5)
   bar.close()
   assert piped.getvalue() == ""
+
+
+def test_log_lines_go_above_the_bar_never_into_it(monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  monkeypatch.setattr(logging.root, "handlers", [absl_logging.get_absl_handler()])  # as in main
+  handler = absl_logging.get_absl_handler().python_handler
+  monkeypatch.setattr(handler, "stream", terminal)
+  bar = writers.ProgressBar(10)
+  bar.update(3)
+  absl_logging.warning("a log line")
+  bar.update(4)
+  bar.close()
+  assert handler.stream is terminal  # restored
+  out = terminal.getvalue()
+  (line,) = [line for line in out.split("\n") if "a log line" in line]
+  # What the terminal shows of that line: the bar was erased first ("\r"), the log line alone.
+  shown = line.split("\r")[-1]
+  assert shown.startswith("W") and shown.endswith("a log line") and "/10" not in shown
+  assert "4/10" in out[out.index("a log line"):]  # the bar is drawn again below it
 
 
 def test_format_duration():
