@@ -30,35 +30,18 @@ from mae_jax.models.vit import Transformer, broadcast_param
 Dtype = Any
 
 
-def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-  """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional positions t (torch's kernel)."""
-  d = np.stack([t + 1, t, 1 - t, 2 - t], axis=-1)
-  near = ((a + 2) * d - (a + 3)) * d * d + 1
-  far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-  return np.where(d <= 1, near, far)
-
-
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] matrix of torch's bicubic resize (align_corners=False, borders clamped)."""
-  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-  base = np.floor(src).astype(int)
-  weights = _cubic_weights(src - base)
-  m = np.zeros((n_out, n_in))
-  for tap in range(4):
-    np.add.at(m, (np.arange(n_out), np.clip(base - 1 + tap, 0, n_in - 1)), weights[:, tap])
-  return m
-
-
 def resample_posemb(posemb: np.ndarray, old_grid: Tuple[int, int],
                     new_grid: Tuple[int, int]) -> np.ndarray:
-  """Resizes the patch rows [old_h*old_w, D] of a position table to [new_h*new_w, D]."""
+  """Resizes the patch rows [old_h*old_w, D] of a position table to [new_h*new_w, D] (float32):
+  torch's bicubic interpolation (A = -0.75, align_corners=False, no antialiasing), which the
+  official `interpolate_pos_embed` uses, is jax.image.resize's "bicubic-pytorch"."""
   if tuple(old_grid) == tuple(new_grid):
     return np.asarray(posemb)
   d = posemb.shape[-1]
-  grid = np.asarray(posemb, np.float64).reshape(old_grid[0], old_grid[1], d)
-  grid = np.einsum("ih,hwd->iwd", _resize_matrix(old_grid[0], new_grid[0]), grid)
-  grid = np.einsum("jw,iwd->ijd", _resize_matrix(old_grid[1], new_grid[1]), grid)
-  return grid.reshape(-1, d).astype(np.float32)
+  grid = jnp.asarray(posemb, jnp.float32).reshape(old_grid[0], old_grid[1], d)
+  resized = jax.image.resize(grid, (new_grid[0], new_grid[1], d), method="bicubic-pytorch",
+                             antialias=False)
+  return np.asarray(resized, np.float32).reshape(-1, d)
 
 
 class VisionTransformer(nn.Module):
