@@ -25,6 +25,7 @@ import time
 import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -249,22 +250,12 @@ def check_workdir(workdir: str, *, checkpoint_bytes: int, keep: int) -> None:
         f"Free some space, lower config.keep_checkpoints, or point --workdir at a larger disk.")
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_changes(saved: Dict[str, Any], config: ml_collections.ConfigDict
                    ) -> Tuple[List[str], List[str]]:
   """How `config` differs from a checkpoint's saved config, one "config.FIELD: ..." line per
   field: (the fields that make it another model, the others)."""
-  old = _flatten(saved)
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  old = traverse_util.flatten_dict(saved, sep=".")
+  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   model, other = [], []
   for key in sorted(old.keys() | new.keys()):
     if key in old and key in new and old[key] == new[key]:

@@ -28,6 +28,7 @@ MLP uses the tanh approximation of GELU, MAE the exact one.
 
 from typing import Any, Dict, Optional, Tuple
 
+from flax import traverse_util
 import numpy as np
 
 from mae_jax.models.layout import is_scanned, scan_to_unrolled
@@ -40,27 +41,6 @@ def _numpy_tree(tree) -> Params:
   if hasattr(tree, "items"):
     return {k: _numpy_tree(v) for k, v in tree.items()}
   return np.asarray(tree, np.float32)
-
-
-def _flat(tree: Params, prefix: str = "") -> Dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _nested(flat: Dict[str, np.ndarray]) -> Params:
-  out: Params = {}
-  for key, value in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
 
 
 def to_big_vision(params: Params, num_heads: int, grid: Optional[tuple] = None) -> Params:
@@ -128,7 +108,7 @@ def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -
     raise ValueError(f"{workdir} has no config.json: pass --num_heads")
   encoder = to_big_vision(params, heads, _grid(config))
   with open(output, "wb") as f:
-    np.savez(f, **_flat(encoder))
+    np.savez(f, **traverse_util.flatten_dict(encoder, sep="/"))
   return encoder
 
 
@@ -168,7 +148,7 @@ def load_encoder_params(path: str) -> Params:
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if checkpoint._is_npz(path):  # pylint: disable=protected-access
     with np.load(path) as f:
-      return _nested({k: f[k] for k in f.files})
+      return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
   params, config = checkpoint.load_params(path)
   if config is None:
     raise ValueError(f"{path} has no config.json, so its head count is unknown: export it with "
@@ -230,7 +210,7 @@ def main(argv) -> None:
           f"{sum(v.size for v in sd.values()):,} numbers")
     return
   encoder = export_workdir(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
-  arrays = _flat(encoder)
+  arrays = traverse_util.flatten_dict(encoder, sep="/")
   print(f"wrote {_OUTPUT.value}: {len(arrays)} arrays, "
         f"{sum(v.size for v in arrays.values()):,} parameters")
 

@@ -3,7 +3,7 @@
 Writes ImageNet-like JPEGs (about 500x375, quality 90) cut from scikit-image's sample photos,
 then alternates timed rounds of
   - mae_jax.input_pipeline: create_iterator on "folder:DIR" (RandomResizedCrop 224, scale
-    0.2-1, bicubic, flip, ImageNet normalization), `--workers` Grain worker processes;
+    0.2-1, bicubic, flip, ImageNet normalization), `--workers` worker processes;
   - the official main_pretrain.py transform in a torch DataLoader with as many workers: PIL
     decode of the whole image, torchvision's RandomResizedCrop (crop, then bicubic resize),
     horizontal flip, ToTensor, Normalize (written out here: torchvision is not a dependency).

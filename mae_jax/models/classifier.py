@@ -16,6 +16,7 @@ On top of them:
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -123,25 +124,6 @@ def classifier_from_config(model_config) -> VisionTransformer:
   return VisionTransformer(**fields)
 
 
-def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
-  if hasattr(tree, "items"):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
-
-
-def _unflatten(flat: Dict[Tuple[str, ...], Any]) -> Dict[str, Any]:
-  out: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return out
-
-
 def _table_grid(table_shape: Tuple[int, ...], grid: Optional[Tuple[int, int]], what: str
                 ) -> Tuple[int, int]:
   """The patch grid of a position table [1, 1 + L, D]: `grid`, or the square one L allows."""
@@ -189,7 +171,8 @@ def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, in
     table = F.sincos_pos_embed_2d(params["pos_embedding"].shape[-1], old_grid)
   pretrained["pos_embedding"] = np.concatenate(
       [table[:1], resample_posemb(table[1:], old_grid, grid)])[None]
-  fresh, loaded = _flatten(params), _flatten(pretrained)
+  fresh = traverse_util.flatten_dict(params)
+  loaded = traverse_util.flatten_dict(pretrained)
   report = {"missing": [], "mismatched": [], "extra": []}
   merged = {}
   for path, value in fresh.items():
@@ -203,4 +186,4 @@ def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, in
     else:
       merged[path] = loaded[path].astype(value.dtype)
   report["extra"] = ["/".join(p) for p in loaded if p not in fresh]
-  return _unflatten(merged), {k: sorted(v) for k, v in report.items()}
+  return traverse_util.unflatten_dict(merged), {k: sorted(v) for k, v in report.items()}
