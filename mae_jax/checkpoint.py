@@ -268,14 +268,21 @@ def config_changes(saved: Dict[str, Any], config: ml_collections.ConfigDict
   return model, other
 
 
+def _saved_config(path: epath.Path) -> Dict[str, Any]:
+  """The config item of a step folder, read as the JSON file Orbax's JsonCheckpointHandler
+  writes (not through a Checkpointer, whose restore is a barrier of all processes: a process
+  that cannot read the file would leave the others waiting in it)."""
+  try:
+    return json.loads((path / "config" / "metadata").read_text())
+  except ValueError as e:  # the JSON error alone does not say which file
+    raise ValueError(f"{path / 'config'}: unreadable JSON ({e})") from None
+
+
 def _read_description(path: epath.Path) -> Tuple[Optional[Dict[str, Any]], Any]:
   """A step folder's saved config (None if it has none) and the shapes of its params."""
   saved = None
   if (path / "config").exists():
-    try:
-      saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "config")
-    except ValueError as e:  # the JSON error alone does not say which file
-      raise ValueError(f"{path / 'config'}: unreadable JSON ({e})") from None
+    saved = _saved_config(path)
   # The handler, not a Checkpointer: it needs no step metadata inside the item (no warning).
   return saved, ocp.StandardCheckpointHandler().metadata(path / PARAMS).tree
 
@@ -291,6 +298,28 @@ def _summary(error: BaseException) -> str:
 
 class WrongModelError(ValueError):
   """A checkpoint is of another model than the run's config."""
+
+
+# Model fields that no param's shape shows: a checkpoint of another value loads without a shape
+# error and computes something else.
+_UNSEEN_FIELDS = {"num_heads": (), "decoder_num_heads": ("decoder_embed",)}
+
+
+def unseen_model_differences(source: Optional[ml_collections.ConfigDict],
+                             config: ml_collections.ConfigDict, params: Params,
+                             path: str) -> List[str]:
+  """One line per model field that `params` (loaded from `path`, whose config is `source`)
+  were trained with another value of than `config.model` has, among those no shape shows
+  (the attention heads); [] without a source config."""
+  if source is None or "model" not in source:
+    return []
+  lines = []
+  for field, needs in _UNSEEN_FIELDS.items():
+    if field in source.model and field in config.model and all(k in params for k in needs):
+      if source.model[field] != config.model[field]:
+        lines.append(f"config.model.{field}={config.model[field]!r}, but the params in {path} "
+                     f"were trained with {source.model[field]!r}")
+  return lines
 
 
 def _check_same_model(path: epath.Path, saved: Optional[Dict[str, Any]],
@@ -457,8 +486,7 @@ def _params_in(path: epath.Path) -> Optional[Tuple[epath.Path, Optional[Callable
   """(params dir, config reader) of a training step directory or a params directory."""
   if (path / PARAMS).is_dir():
     if (path / "config").is_dir():  # a training checkpoint's own config item
-      return path / PARAMS, lambda: ml_collections.ConfigDict(
-          ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "config"))
+      return path / PARAMS, lambda: ml_collections.ConfigDict(_saved_config(path))
     return path / PARAMS, _config_reader(path / CONFIG_JSON)
   if (path / "_METADATA").exists():
     return path, _config_reader(path.parent / CONFIG_JSON)
@@ -498,7 +526,7 @@ def _verify_item(item: epath.Path) -> None:
     verify_checksums(item.parent, under=item.name)
 
 
-def load_variables(path: str, *, target: Any = None
+def load_variables(path: str, *, target: Any = None, optional: Sequence[str] = ()
                    ) -> Tuple[Params, Params, Optional[ml_collections.ConfigDict]]:
   """(params, batch_stats, config or None) from a workdir's newest training checkpoint or its
   params/, a step or params directory, or an encoder exported by `mae_jax.export` (an npz,
@@ -508,7 +536,9 @@ def load_variables(path: str, *, target: Any = None
   A workdir's newest checkpoint that fails to read (a crash damaged it) is skipped with a
   warning for the one before it; nothing is moved (that is restore_latest's job). `target`:
   ShapeDtypeStructs (with shardings) to restore the params into; checked against the stored
-  shapes first, a WrongModelError naming the params that differ. Without it the arrays land on
+  shapes first, a WrongModelError naming the params that differ. `optional`: top-level parts of
+  `target` that the stored params may lack all together (convert.DECODER_PARAMS: an
+  encoder-only checkpoint), left out of the result then. Without `target` the arrays land on
   one local device.
   """
   if _is_npz(path):
@@ -528,8 +558,8 @@ def load_variables(path: str, *, target: Any = None
       if target is None:
         want = _on_one_device(stored)
       else:
-        want = target
-        problems = shape_problems(stored, target)
+        problems = shape_problems(stored, target, optional=optional)
+        want = {k: v for k, v in target.items() if k in stored or k not in optional}
         if problems:
           raise WrongModelError(f"The params in {params_dir} do not fit the config's model "
                                 f"(check config.model): " + "; ".join(problems[:8]))
@@ -558,10 +588,10 @@ def load_variables(path: str, *, target: Any = None
       f"{d}: {_summary(e)}" for d, e in failures))
 
 
-def load_params(path: str, *, target: Any = None
+def load_params(path: str, *, target: Any = None, optional: Sequence[str] = ()
                 ) -> Tuple[Params, Optional[ml_collections.ConfigDict]]:
   """(params, config or None) from any source `load_variables` reads (see there)."""
-  params, _, config = load_variables(path, target=target)
+  params, _, config = load_variables(path, target=target, optional=optional)
   return params, config
 
 

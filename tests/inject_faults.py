@@ -12,6 +12,10 @@ Environment variables choose the faults; steps count updates from 1, as the logs
   FAULT_ENOSPC_AT_SAVE=k     the disk is full while the checkpoint of step k is written: every
                              file write inside its temporary folder that goes through epath
                              (Orbax's JSON items, the checksums) fails with ENOSPC.
+  FAULT_UNREADABLE_STEP=k    the checkpoint of step k cannot be read by process
+  FAULT_UNREADABLE_PROCESS=i (default 0) alone: every file read under checkpoints/k/ through
+                             epath fails with EIO there (a host with a bad disk cache or a
+                             file not yet visible to it), while the other processes read it.
 """
 
 import contextlib
@@ -74,6 +78,21 @@ def _disk_full_during_save(step: int) -> None:
     setattr(gpath.PosixGPath, name, write)
 
 
+def _unreadable_on_one_process(step: int, process: int) -> None:
+  """EIO for every epath read under checkpoints/`step`/ on process `process` alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  original = gpath.PosixGPath.open
+
+  def open_(self, mode="r", *args, **kwargs):
+    if ("r" in mode and f"/checkpoints/{step}/" in str(self)
+        and jax.process_index() == process):
+      raise OSError(errno.EIO, "Input/output error (injected)", str(self))
+    return original(self, mode, *args, **kwargs)
+
+  gpath.PosixGPath.open = open_
+
+
 def main() -> None:
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.create_iterator = _faulty_batches(input_pipeline.create_iterator)
@@ -81,6 +100,9 @@ def main() -> None:
     _kill_before_commit(_step_env("FAULT_KILL_AT_COMMIT"))
   if _step_env("FAULT_ENOSPC_AT_SAVE"):
     _disk_full_during_save(_step_env("FAULT_ENOSPC_AT_SAVE"))
+  if _step_env("FAULT_UNREADABLE_STEP"):
+    _unreadable_on_one_process(_step_env("FAULT_UNREADABLE_STEP"),
+                               _step_env("FAULT_UNREADABLE_PROCESS"))
   sys.argv = ["mae_jax.main", *sys.argv[1:]]
   runpy.run_module("mae_jax.main", run_name="__main__", alter_sys=True)
 

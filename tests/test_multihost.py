@@ -158,3 +158,23 @@ def test_one_process_checkpoint_resumes_in_pod(single_workdir, tmp_path, env):
   assert output.count(f"Resumed from {workdir}/checkpoints/{SAVE_EVERY}") == 2  # both processes
   expected = {s: l for s, l in _losses(single_workdir).items() if s > SAVE_EVERY}
   _assert_close(_losses(workdir), expected)
+
+
+def test_processes_agree_on_the_newest_checkpoint_every_one_can_read(preempted_pod,
+                                                                      single_workdir, tmp_path,
+                                                                      env):
+  newest = max(_losses(preempted_pod[0]))
+  shutil.copytree(preempted_pod[0] / "checkpoints", tmp_path / "checkpoints")
+  before = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())[-2]
+  # Process 1 alone cannot read the newest checkpoint; process 0 can.
+  faults = {"FAULT_UNREADABLE_STEP": str(newest), "FAULT_UNREADABLE_PROCESS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])}
+  command = _pod_command(tmp_path)
+  command.insert(3, "--module=inject_faults")
+  output = _run(command, {**env, **faults})
+  assert output.count(f"Resumed from {tmp_path}/checkpoints/{before}.") == 2, output[-5000:]
+  assert re.search(rf"\[0/2\] .*The checkpoint {tmp_path}/checkpoints/{newest} is damaged.*"
+                   r"process\(es\) \[1\] cannot read it", output)
+  assert (tmp_path / "damaged_checkpoints" / str(newest)).is_dir()
+  expected = {s: l for s, l in _losses(single_workdir).items() if s > before}
+  _assert_close(_losses(tmp_path), expected)
