@@ -448,6 +448,12 @@ def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict,
     write_config(workdir, config)
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds a committed step (the workdir of a run that has saved)."""
+  checkpoints = epath.Path(absolute(workdir)) / CHECKPOINTS
+  return checkpoints.is_dir() and bool(ocp.utils.checkpoint_steps(checkpoints))
+
+
 def has_params(workdir: str) -> bool:
   """Whether WORKDIR/params exists (e.g. written by mae_jax.convert)."""
   return (epath.Path(workdir) / PARAMS).exists()

@@ -135,6 +135,9 @@ def _classifier_common(size: str, mode: str) -> ml_collections.ConfigDict:
   c.mode = mode
   c.seed = 0
   c.init_from = ""              # a pretraining, converted (mae_jax.convert) or fine-tuned workdir
+  # True: params of init_from that do not fit config.model (other shapes, missing encoder parts)
+  # keep their fresh init; False: such a start is an error that lists them.
+  c.init_partial = False
   c.input = pretrain.input
   c.input.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default, as the official code uses
   c.input.eval_split = config_dict.placeholder(str)  # None = the dataset's held-out split

@@ -98,13 +98,25 @@ def _global_array(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.make_array_from_callback(value.shape, target.sharding, lambda idx: value[idx])
 
 
-def start_params(config: ml_collections.ConfigDict, params: Params,
-                 target: Params) -> Params:
-  """Fresh params with `config.init_from`'s pretrained ones merged in (logs what is missing)."""
+# Parts of a classifier that a pretrained encoder lacks by nature: they start fresh.
+_NEW_PARTS = ("head", "fc_norm")
+
+
+def start_params(config: ml_collections.ConfigDict, params: Params, target: Params,
+                 batch_stats: Optional[Params] = None) -> Tuple[Params, Params]:
+  """(params, batch_stats) to start from: fresh ones with `config.init_from`'s merged in.
+
+  init_from is a workdir, step folder, converted checkpoint or exported encoder npz
+  (checkpoint.load_variables). A new head (and `fc_norm`) and an unused decoder are expected;
+  anything else that does not fit (params of other shapes: another patch size or width; encoder
+  parts missing: another depth; other attention heads) is a ValueError listing each, unless
+  `config.init_partial=True` asks for a partial start (those params then keep their fresh
+  init, listed in the log). A linear probe's BatchNorm statistics come along with its head.
+  """
   if not config.init_from:
     logging.warning("config.init_from is empty: training from a random init.")
-    return params
-  pretrained, source_config = checkpoint.load_params(config.init_from)
+    return params, batch_stats
+  pretrained, pretrained_stats, source_config = checkpoint.load_variables(config.init_from)
   source_grid = None
   if source_config is not None:
     source_grid = models.patch_grid(source_config.model.img_size,
@@ -112,12 +124,32 @@ def start_params(config: ml_collections.ConfigDict, params: Params,
   merged, report = merge_pretrained(
       params, pretrained, pretrained_grid=source_grid,
       grid=models.patch_grid(config.model.img_size, config.model.patch_size))
+  problems = checkpoint.unseen_model_differences(source_config, config, pretrained,
+                                                 config.init_from)
+  problems += [f"{m} has another shape" for m in report["mismatched"]]
+  problems += [f"{m} is missing" for m in report["missing"]
+               if m.split("/")[0] not in _NEW_PARTS]
+  if problems and not config.get("init_partial", False):
+    raise ValueError(
+        f"config.init_from={config.init_from!r} does not fit config.model: "
+        + "; ".join(problems[:12]) + ". Use a config of the checkpoint's model, or set "
+        "--config.init_partial=True to start from the params that fit (the others freshly "
+        "initialized).")
   logging.info("Loaded %s from %s.", "pretrained params", config.init_from)
   for kind in ("missing", "mismatched", "extra"):
     if report[kind]:
       logging.info("  %s (%d): %s", kind, len(report[kind]), ", ".join(report[kind]))
-  return jax.tree.map(lambda v, t: v if isinstance(v, jax.Array) else _global_array(v, t),
-                      merged, target)
+  if problems:
+    logging.warning("config.init_partial: a partial start, fresh where %s", "; ".join(problems))
+  head_loaded = "head/kernel" not in report["missing"] and not any(
+      m.startswith("head/") for m in report["mismatched"])
+  place = lambda tree, like: jax.tree.map(
+      lambda v, t: v if isinstance(v, jax.Array) else _global_array(v, t), tree, like)
+  if pretrained_stats and batch_stats and head_loaded and jax.tree.map(
+      np.shape, pretrained_stats) == jax.tree.map(np.shape, batch_stats):
+    logging.info("  with the BatchNorm statistics of its head.")
+    batch_stats = place(pretrained_stats, batch_stats)
+  return place(merged, target), batch_stats
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -242,7 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   def init() -> FinetuneState:
     state = jax.jit(functools.partial(init_state, model, config, tx),
                     out_shardings=shardings)()
-    return state.replace(params=start_params(config, state.params, target.params))
+    params, batch_stats = start_params(config, state.params, target.params,
+                                       state.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats)
 
   session = trainer.Session(job, workdir, target, init)
   start, total = session.start, job.total

@@ -162,6 +162,28 @@ def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.Mask
   return write
 
 
+def _start_params(config: ml_collections.ConfigDict, workdir: str, fresh: Params,
+                  target: Params) -> Params:
+  """The params in WORKDIR/params (mae_jax.convert's) to start pretraining from, checked
+  against the config (WrongModelError naming the fields that differ, heads included). An
+  encoder-only release (`mae_pretrain_vit_*.pth`) starts continued pretraining: its encoder
+  loaded, the decoder kept as freshly initialized."""
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  params, source = checkpoint.load_params(workdir, target=target,
+                                          optional=convert.DECODER_PARAMS)
+  unseen = checkpoint.unseen_model_differences(source, config, params, workdir)
+  if unseen:
+    raise checkpoint.WrongModelError(
+        f"The params in {workdir}/{checkpoint.PARAMS} do not fit this config: "
+        + "; ".join(unseen) + ". Set those fields to the checkpoint's values.")
+  fresh_parts = sorted(k for k in fresh if k not in params)
+  logging.info("Starting from the params in %s/%s.", workdir, checkpoint.PARAMS)
+  if fresh_parts:
+    logging.info("%s/%s holds an encoder only: continued pretraining starts with a freshly "
+                 "initialized decoder (%s).", workdir, checkpoint.PARAMS, ", ".join(fresh_parts))
+  return {**fresh, **params}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrains per `config`, resuming from the newest checkpoint in `workdir`."""
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -174,9 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def init() -> TrainState:
     state = create_train_state(model, tx, config.seed, abstract_state)
     if checkpoint.has_params(workdir):
-      params, _ = checkpoint.load_params(workdir, target=abstract_state.params)
-      state = state.replace(params=params)
-      logging.info("Starting from the params in %s/%s.", workdir, checkpoint.PARAMS)
+      state = state.replace(params=_start_params(config, workdir, state.params,
+                                                 abstract_state.params))
     return state
 
   session = trainer.Session(job, workdir, abstract_state, init)

@@ -8,6 +8,7 @@ state and step; everything around them lives here.
 Importable without TensorFlow: the input pipeline is imported inside `prepare` only.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import signal
@@ -420,22 +421,30 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
 
 
 class Session:
-  """A job's workdir while it runs: the checkpoint manager, the metric writer and the state to
-  start from (the newest checkpoint, else `init()`); `run` loops, `close` closes down.
+  """A job's workdir while it runs: the workdir lock, the checkpoint manager, the metric writer
+  and the state to start from (the newest checkpoint, else `init()`); `run` loops, `close`
+  closes down.
 
-  Opening checks the workdir (disk space, a different model's checkpoints) before anything is
-  written, restores, and only then writes config.json, so that a refused workdir keeps the
-  config.json of its checkpoints.
+  Opening takes the workdir's lock (checkpoint.WorkdirLock: one run per workdir), then checks
+  before anything else is written: a workdir without checkpoints builds its start state
+  first (`init`, which loads and checks config.init_from or a converted WORKDIR/params), and
+  the workdir itself (disk space, a different model's checkpoints); only then does it write
+  config.json, so that a refused start leaves no config.json or checkpoints/ behind and a
+  refused workdir keeps the config.json of its checkpoints.
   """
 
   def __init__(self, job: Job, workdir: str, abstract_state: Any, init: Callable[[], Any]):
     config = job.config
     self.job, self.workdir = job, workdir
     self.is_main = jax.process_index() == 0
+    self.lock = checkpoint.WorkdirLock(workdir).acquire()
+    atexit.register(self.lock.release)  # a run that dies of an exception frees the workdir
+    state = None if checkpoint.has_checkpoints(workdir) else init()
     checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
         x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
     self.manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    state = checkpoint.restore_latest(self.manager, abstract_state, config)
+    if state is None:
+      state = checkpoint.restore_latest(self.manager, abstract_state, config)
     if self.is_main:
       checkpoint.write_config(workdir, config)
     self.state = init() if state is None else state
@@ -470,7 +479,7 @@ class Session:
 
   def close(self) -> None:
     """The close-down: waits for the last checkpoint to be written, then closes the manager
-    and the metric writer."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    and the metric writer, and frees the workdir."""
+    checkpoint.wait(self.manager)  # a save that ran out of disk says so here
     self.writer.close()
+    self.lock.release()

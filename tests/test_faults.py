@@ -14,6 +14,8 @@ import os
 import pathlib
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -141,6 +143,57 @@ def test_out_of_space_during_a_save_stops_clearly_loses_nothing_and_resumes(env,
   assert f"Resumed from {tmp_path}/checkpoints/6." in log
   assert _steps(tmp_path) == [3, 6, 9, 12]
   assert _losses(tmp_path) == _losses(reference)
+
+
+# --- one run per workdir, and starts that are refused before anything is written ------------------
+
+def test_a_second_run_on_a_workdir_refuses_naming_the_first(env, tmp_path):
+  first = subprocess.Popen(
+      [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/demo.py",
+       f"--workdir={tmp_path}", *[f"--config.{k}={v}" for k, v in TINY.items()],
+       "--config.total_steps=100000"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in first.stderr:  # training has started: the first holds the workdir
+      if re.search(r"\] step \d+/100000", line):
+        break
+    second = _run(env, tmp_path)
+    assert second.returncode != 0
+    assert (f"{tmp_path} is in use by another run: process {first.pid} on host "
+            f"{socket.gethostname()}") in second.stderr
+  finally:
+    first.send_signal(signal.SIGTERM)  # a preemption notice: it saves and exits
+    first.communicate(timeout=300)
+  assert first.returncode == 0
+  steps = [row["step"] for row in workdir_tools.rows(tmp_path)]
+  assert len(steps) == len(set(steps))  # only the first run wrote metrics
+  assert not (tmp_path / checkpoint.LOCK).exists()  # released at its end
+
+
+def test_a_bad_init_from_fails_before_anything_is_written(env, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/finetune_demo.py",
+       f"--workdir={tmp_path}", f"--config.init_from={tmp_path / 'nowhere'}"], env=env,
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0 and "No params under" in result.stderr
+  assert sorted(os.listdir(tmp_path)) == []  # no config.json, no checkpoints/, no lock
+
+
+def test_an_encoder_only_release_starts_continued_pretraining(env, tmp_path):
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  mae = models.from_config(config.model)
+  params = jax.device_get(mae.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                                   jnp.zeros((1, 16, 16, 3)))["params"])
+  official = convert.params_to_torch(params, img_size=16)
+  encoder_only = {k: v for k, v in official.items()  # as mae_pretrain_vit_*.pth
+                  if not k.startswith(("decoder", "mask_token"))}
+  convert.convert_state_dict(encoder_only, str(tmp_path), config)
+  log = _ok(_run(env, tmp_path, "--config.total_steps=3"))
+  assert "holds an encoder only: continued pretraining starts with a freshly initialized " \
+         "decoder (Decoder, decoder_embed, decoder_pred, mask_token)" in log
+  assert _steps(tmp_path) == [3]
+  trained = _params(tmp_path / "checkpoints" / "3")
+  assert set(trained) >= {"Decoder", "decoder_pred", "Transformer"}
 
 
 # --- damaged checkpoints --------------------------------------------------------------------------

@@ -153,3 +153,71 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
   finetune.train_and_evaluate(config, workdir)
   last = _rows(workdir)[-1]
   assert last["step"] == 4 and last["eval_top1"] == evals[-1]["eval_top1"]
+
+
+# --- config.init_from ------------------------------------------------------------------------------
+
+def _pretrained_workdir(path, **model):
+  """A pretraining workdir (params/ + config.json) of a tiny MAE, `model` overriding TINY."""
+  config = config_lib.pretrain_config("vit_b")
+  fields = {k: v for k, v in TINY.items() if k != "num_classes"}
+  config.model = config_lib.model_config("vit_b", decoder_embed_dim=16, decoder_depth=1,
+                                         decoder_num_heads=2, **{**fields, **model})
+  mae = from_config(config.model)
+  size = config.model.img_size
+  params = jax.jit(lambda: mae.init({"params": jax.random.key(3), "mask": jax.random.key(4)},
+                                    jnp.zeros((1, size, size, 3)))["params"])()
+  checkpoint.save_params(str(path), params, config)
+  return jax.device_get(params)
+
+
+def _start(config):
+  model, _, state, _ = _setup(config)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+  return finetune.start_params(config, state.params, target.params, state.batch_stats)
+
+
+def test_init_from_of_another_model_is_an_error_listing_it_unless_a_partial_start(tmp_path):
+  _pretrained_workdir(tmp_path / "p8", patch_size=8)  # another patch size: other shapes
+  config = _config("finetune", init_from=str(tmp_path / "p8"))
+  try:
+    _start(config)
+    raise AssertionError("a start from another patch size passed")
+  except ValueError as e:
+    assert f"config.init_from={str(tmp_path / 'p8')!r} does not fit config.model" in str(e)
+    assert "embedding/kernel (8, 8, 3, 32) -> (4, 4, 3, 32) has another shape" in str(e)
+    assert "init_partial=True" in str(e)
+  params, _ = _start(_config("finetune", init_from=str(tmp_path / "p8"), init_partial=True))
+  assert params["embedding"]["kernel"].shape == (4, 4, 3, 32)
+  # Other heads: no shape shows them, the saved config does.
+  _pretrained_workdir(tmp_path / "h4", num_heads=4)
+  try:
+    _start(_config("finetune", init_from=str(tmp_path / "h4")))
+    raise AssertionError("a start from other attention heads passed")
+  except ValueError as e:
+    assert "config.model.num_heads=2, but the params in" in str(e)
+    assert "were trained with 4" in str(e)
+
+
+def test_an_exported_npz_and_a_probe_with_its_statistics_serve_as_init_from(tmp_path):
+  from mae_jax import export  # pylint: disable=g-import-not-at-top
+  pretrained = _pretrained_workdir(tmp_path / "pre")
+  export.export_workdir(str(tmp_path / "pre"), str(tmp_path / "encoder.npz"))
+  params, _ = _start(_config("finetune", init_from=str(tmp_path / "encoder.npz")))
+  for name in ("embedding", "cls", "Transformer"):
+    if name != "Transformer":
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(params[name]),
+                   pretrained[name])
+  np.testing.assert_array_equal(
+      params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
+      pretrained["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
+  # A converted linear probe: its head comes with its BatchNorm statistics.
+  probe = _config("linprobe")
+  model, _, state, _ = _setup(probe)
+  stats = {"head_norm": {"mean": np.full((32,), 0.5, np.float32),
+                         "var": np.full((32,), 2.0, np.float32)}}
+  checkpoint.save_params(str(tmp_path / "probe"), jax.device_get(state.params), probe,
+                         batch_stats=stats)
+  _, batch_stats = _start(_config("linprobe", init_from=str(tmp_path / "probe")))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(batch_stats), stats)
