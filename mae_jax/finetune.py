@@ -121,6 +121,10 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   if source_config is not None:
     source_grid = models.patch_grid(source_config.model.img_size,
                                     source_config.model.patch_size)
+  elif "pos_embedding" not in pretrained:
+    logging.warning("%s has no config, so the patch grid it was pretrained at is unknown: the "
+                    "position table starts as MAE's fixed table at this model's grid, not one "
+                    "interpolated from the pretraining grid.", config.init_from)
   merged, report = merge_pretrained(
       params, pretrained, pretrained_grid=source_grid,
       grid=models.patch_grid(config.model.img_size, config.model.patch_size))
