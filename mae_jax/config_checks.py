@@ -171,6 +171,9 @@ def _batch_problems(batch: int, accum: int, *, device_count: int,
 
 
 def _mesh_problems(mesh: ml_collections.ConfigDict, device_count: int) -> List[str]:
+  if mesh.get("fsdp_min_mb", 0) < 0:
+    return [f"config.mesh.fsdp_min_mb={mesh.fsdp_min_mb} must be >= 0 (0 = shard every array "
+            f"that the fsdp axis divides)."]
   if mesh.data == -1:
     if device_count % mesh.fsdp:
       return [f"config.mesh.fsdp={mesh.fsdp} does not divide the {device_count} devices; choose "

@@ -84,7 +84,8 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       weight_decay_groups="official",
       grad_accum_steps=1,       # micro-batches per update (for global batches that do not fit)
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1 = all remaining devices
+  # data -1 = all remaining devices; arrays up to fsdp_min_mb MiB stay replicated under fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_mb=4.0))
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

@@ -89,7 +89,8 @@ def abstract_state(model: VisionTransformer, config: ml_collections.ConfigDict,
                    tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> FinetuneState:
   """ShapeDtypeStructs of the state carrying their target shardings (nothing allocated)."""
   return trainer.with_shardings(
-      mesh, jax.eval_shape(functools.partial(init_state, model, config, tx)))
+      mesh, jax.eval_shape(functools.partial(init_state, model, config, tx)),
+      fsdp_min_bytes=trainer.fsdp_min_bytes(config))
 
 
 def _global_array(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:

@@ -32,7 +32,8 @@ from mae_jax.config_checks import (  # pylint: disable=unused-import
     COMPUTE_DTYPES, GUARDS, validate_config)
 from mae_jax.trainer import (  # pylint: disable=unused-import
     BATCH_AXES, MESH_AXES, Params, Schedule, base_learning_rate, batch_sharding,
-    create_learning_rate_fn, fsdp_sharding, make_mesh, num_train_steps, update_if_finite)
+    create_learning_rate_fn, fsdp_min_bytes, fsdp_sharding, make_mesh, num_train_steps,
+    update_if_finite)
 
 
 @flax.struct.dataclass
@@ -70,10 +71,13 @@ def init_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransfor
 
 
 def abstract_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransformation,
-                         seed: int, mesh: jax.sharding.Mesh) -> TrainState:
-  """ShapeDtypeStructs of the train state carrying their target shardings (nothing allocated)."""
+                         seed: int, mesh: jax.sharding.Mesh, *,
+                         fsdp_min_bytes: int = 0) -> TrainState:
+  """ShapeDtypeStructs of the train state carrying their target shardings (nothing allocated);
+  `fsdp_min_bytes`: see `trainer.fsdp_min_bytes(config)`."""
   return trainer.with_shardings(
-      mesh, jax.eval_shape(functools.partial(init_train_state, model, tx, seed)))
+      mesh, jax.eval_shape(functools.partial(init_train_state, model, tx, seed)),
+      fsdp_min_bytes=fsdp_min_bytes)
 
 
 def create_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransformation,
@@ -191,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   job = trainer.prepare(config)
   model = models.from_config(config.model)
   tx = create_optimizer(config, job.learning_rate)
-  abstract_state = abstract_train_state(model, tx, config.seed, job.mesh)
+  abstract_state = abstract_train_state(model, tx, config.seed, job.mesh,
+                                        fsdp_min_bytes=trainer.fsdp_min_bytes(config))
 
   def init() -> TrainState:
     state = create_train_state(model, tx, config.seed, abstract_state)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +38,31 @@ BATCH_AXES = MESH_AXES
 
 # --- mesh and shardings ---------------------------------------------------------------------
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The ("data", "fsdp") device mesh of `config.mesh` over every device of the job."""
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """The ("data", "fsdp") device mesh of `config.mesh` over every device of the job (or over
+  `devices`, e.g. a TPU slice's from `jax.experimental.topologies` for a compile-only plan)."""
   fsdp = config.mesh.fsdp
-  data = jax.device_count() // fsdp if config.mesh.data == -1 else config.mesh.data
-  return jax.make_mesh((data, fsdp), MESH_AXES,
+  count = jax.device_count() if devices is None else len(devices)
+  data = count // fsdp if config.mesh.data == -1 else config.mesh.data
+  return jax.make_mesh((data, fsdp), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def fsdp_sharding(mesh: jax.sharding.Mesh, shape: Tuple[int, ...]) -> NamedSharding:
-  """Shards an array over "fsdp" on its largest axis that the axis size divides, else
-  replicates it."""
+def fsdp_min_bytes(config: ml_collections.ConfigDict) -> int:
+  """Arrays up to `config.mesh.fsdp_min_mb` MiB (default 4, as big_vision's fsdp rule) stay
+  replicated under fsdp: sharding biases, LayerNorm scales and small matrices saves little
+  memory and costs an all-gather each, every step (401 of them for the 6-block demo model)."""
+  return int(config.mesh.get("fsdp_min_mb", 4.0) * 2**20)
+
+
+def fsdp_sharding(mesh: jax.sharding.Mesh, shape: Tuple[int, ...], dtype: Any = jnp.float32,
+                  *, min_bytes: int = 0) -> NamedSharding:
+  """Shards an array of more than `min_bytes` over "fsdp" on its largest axis that the axis
+  size divides; replicates it otherwise."""
   n = mesh.shape["fsdp"]
   spec = [None] * len(shape)
-  if n > 1:
+  if n > 1 and np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize > min_bytes:
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
       if shape[axis] % n == 0:
         spec[axis] = "fsdp"
@@ -64,15 +75,18 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def state_shardings(mesh: jax.sharding.Mesh, abstract_state: Any) -> Any:
-  """NamedShardings for every leaf: big arrays split over "fsdp", the rest replicated."""
-  return jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), abstract_state)
+def state_shardings(mesh: jax.sharding.Mesh, abstract_state: Any, *,
+                    fsdp_min_bytes: int = 0) -> Any:
+  """NamedShardings for every leaf: arrays of more than `fsdp_min_bytes` split over "fsdp",
+  the rest replicated."""
+  return jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape, x.dtype, min_bytes=fsdp_min_bytes),
+                      abstract_state)
 
 
-def with_shardings(mesh: jax.sharding.Mesh, shapes: Any) -> Any:
+def with_shardings(mesh: jax.sharding.Mesh, shapes: Any, *, fsdp_min_bytes: int = 0) -> Any:
   """ShapeDtypeStructs of `shapes` carrying their target shardings (`state_shardings`)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, state_shardings(mesh, shapes))
+                      shapes, state_shardings(mesh, shapes, fsdp_min_bytes=fsdp_min_bytes))
 
 
 def shardings_of(abstract_state: Any) -> Any:

@@ -276,6 +276,29 @@ def test_fsdp_sharding_picks_the_largest_divisible_axis():
   assert spec(()) == jax.sharding.PartitionSpec()
 
 
+def test_fsdp_keeps_arrays_up_to_the_minimum_size_replicated():
+  abstract = jax.sharding.AbstractMesh((2, 4), train.MESH_AXES,
+                                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  min_bytes = train.fsdp_min_bytes(_config())
+  assert min_bytes == 4 * 2**20  # big_vision's default
+  spec = lambda shape, dtype=jnp.float32: train.fsdp_sharding(
+      abstract, shape, dtype, min_bytes=min_bytes).spec
+  assert spec((1024, 1024)) == jax.sharding.PartitionSpec(None, None)  # exactly 4 MiB
+  assert spec((1024, 1025 * 4)) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert spec((2048, 1024), jnp.bfloat16) == jax.sharding.PartitionSpec(None, None)
+  assert spec((5120,)) == jax.sharding.PartitionSpec(None)  # a ViT-H bias
+  # ViT-H/14's state: its matrices sharded, every bias and LayerNorm scale replicated.
+  config = config_lib.pretrain_config("vit_h")
+  model = models.from_config(config.model)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1000))
+  state = train.abstract_train_state(model, tx, 0, abstract, fsdp_min_bytes=min_bytes)
+  leaves = jax.tree_util.tree_leaves_with_path(state.params)
+  sharded = {jax.tree_util.keystr(p) for p, x in leaves if "fsdp" in x.sharding.spec}
+  assert all("kernel" in p for p in sharded)
+  assert any("encoderblock" in p or "Transformer" in p for p in sharded)
+  assert len(sharded) < len(leaves) / 2
+
+
 def test_importing_train_does_not_import_tensorflow():
   code = ("import sys, mae_jax.models, mae_jax.train, mae_jax.main, mae_jax.visualize; "
           "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'tf'")

@@ -154,7 +154,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
   # warmup shorter than its training.
   learning_rate = train.create_learning_rate_fn(config, steps_per_epoch=1)
   tx = train.create_optimizer(config, learning_rate)
-  abstract_state = train.abstract_train_state(model, tx, config.seed, mesh)
+  abstract_state = train.abstract_train_state(model, tx, config.seed, mesh,
+                                              fsdp_min_bytes=train.fsdp_min_bytes(config))
   state = train.create_train_state(model, tx, config.seed, abstract_state)
   step_fn = train.jit_train_step(config, model, tx, learning_rate, abstract_state, mesh)
   shape = (batch, m.img_size, m.img_size, m.in_chans)
