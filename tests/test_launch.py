@@ -130,6 +130,18 @@ def test_tpu_dry_run_detached_run_step_only():
       "/dev/null", "&"]
 
 
+@pytest.mark.parametrize("accelerator_type", [
+    "v4-8", "v4-16", "v4-32", "v4-64", "v5p-8", "v5p-16", "v5p-64", "v5litepod-1", "v5litepod-4",
+    "v5litepod-8", "v5litepod-16", "v5litepod-64", "v5litepod-256", "v6e-8", "v6e-16", "v6e-64"])
+def test_tpu_hosts_per_slice_agree_with_the_plan(accelerator_type):
+  from mae_jax import plan  # pylint: disable=g-import-not-at-top
+  notes, _ = _dry_run("--name=n", "--zone=z", f"--accelerator_type={accelerator_type}",
+                      "--steps=create")
+  tpu = plan.parse_slice(accelerator_type)
+  assert notes[0] == (f"# {accelerator_type}: {tpu.chips} chips on {tpu.hosts} TPU VM "
+                      f"worker(s), one JAX process each.")
+
+
 # --- launch/tpu_pod.sh against a stand-in gcloud --------------------------------------------
 
 # Records each call; `describe` answers with the next line of $GCLOUD_DESCRIBE (the last one

@@ -1,0 +1,155 @@
+"""mae_jax.plan: Cloud TPU slices by name, and the real train step compiled for one with libtpu
+(installed by the test extras; no TPU needed)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mae_jax import plan
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+@pytest.mark.parametrize("name, chips, hosts, topology, accelerator_type, hbm_gib, kind", [
+    # v4 and v5p count TensorCores (two a chip, one JAX device a chip); 4 chips a host.
+    ("v4-8", 4, 1, "v4:2x2x1", "v4-8", 32, "TPU v4"),
+    ("v4-16", 8, 2, "v4:2x2x2", "v4-16", 32, "TPU v4"),
+    ("v4-32", 16, 4, "v4:2x2x4", "v4-32", 32, "TPU v4"),
+    ("v4-64", 32, 8, "v4:2x4x4", "v4-64", 32, "TPU v4"),
+    ("v4-128", 64, 16, "v4:4x4x4", "v4-128", 32, "TPU v4"),
+    ("v5p-8", 4, 1, "v5p:2x2x1", "v5p-8", 95, "TPU v5"),
+    ("v5p-64", 32, 8, "v5p:2x4x4", "v5p-64", 95, "TPU v5"),
+    ("v5p-256", 128, 32, "v5p:4x4x8", "v5p-256", 95, "TPU v5"),
+    # v5e (gcloud: v5litepod) and v6e count chips; up to 8 chips on one host, then 4 a host.
+    ("v5litepod-1", 1, 1, "v5e:1x1", "v5litepod-1", 16, "TPU v5 lite"),
+    ("v5litepod-4", 4, 1, "v5e:2x2", "v5litepod-4", 16, "TPU v5 lite"),
+    ("v5litepod-8", 8, 1, "v5e:2x4", "v5litepod-8", 16, "TPU v5 lite"),
+    ("v5litepod-16", 16, 4, "v5e:4x4", "v5litepod-16", 16, "TPU v5 lite"),
+    ("v5e-64", 64, 16, "v5e:8x8", "v5litepod-64", 16, "TPU v5 lite"),
+    ("v5litepod-256", 256, 64, "v5e:16x16", "v5litepod-256", 16, "TPU v5 lite"),
+    ("v6e-8", 8, 1, "v6e:2x4", "v6e-8", 32, "TPU v6 lite"),
+    ("v6e-64", 64, 16, "v6e:8x8", "v6e-64", 32, "TPU v6 lite"),
+    # Topologies as libtpu names them.
+    ("v5e:2x2", 4, 1, "v5e:2x2", "v5litepod-4", 16, "TPU v5 lite"),
+    ("v5p:2x2x4", 16, 4, "v5p:2x2x4", "v5p-32", 95, "TPU v5"),
+])
+def test_accelerator_names_give_chips_hosts_and_hbm(name, chips, hosts, topology,
+                                                     accelerator_type, hbm_gib, kind):
+  tpu = plan.parse_slice(name)
+  assert (tpu.chips, tpu.hosts, tpu.topology, tpu.accelerator_type) == (
+      chips, hosts, topology, accelerator_type)
+  assert tpu.generation.hbm_bytes == hbm_gib * GIB
+  assert tpu.generation.device_kind == kind
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v4-6", "powers of two"), ("v4-4", "at least 8"), ("v5litepod-12", "powers of two"),
+    ("v7x-8", "unknown TPU generation"), ("v5e:2x2x2", "2D torus"), ("tpu", "is not an"),
+])
+def test_bad_accelerator_names_say_what_is_accepted(name, message):
+  with pytest.raises(ValueError, match=message):
+    plan.parse_slice(name)
+
+
+def test_collectives_are_counted_with_their_bytes():
+  hlo = """
+  %all-gather-start.1 = (f32[128]{0}, f32[512]{0}) all-gather-start(f32[128]{0} %p), dimensions={0}
+  %all-gather-done.1 = f32[512]{0} all-gather-done((f32[128]{0}, f32[512]{0}) %all-gather-start.1)
+  %all-reduce.2 = (bf16[64,64]{1,0}, f32[]) all-reduce(bf16[64,64]{1,0} %a, f32[] %b), to_apply=%add
+  %reduce-scatter.3 = f32[16]{0} reduce-scatter(f32[64]{0} %c), dimensions={0}
+  %fusion = f32[8]{0} fusion(f32[8]{0} %d), kind=kLoop, calls=%all-gather-like
+  """
+  assert plan.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 2048},
+                                   "all-reduce": {"count": 1, "bytes": 64 * 64 * 2 + 4},
+                                   "reduce-scatter": {"count": 1, "bytes": 64}}
+
+
+# --- compiled with libtpu -------------------------------------------------------------------
+
+def _needs_libtpu():
+  assert importlib.util.find_spec("libtpu") is not None, (
+      "libtpu is missing: pip install -e '.[test]' (or '.[tpu]') installs it")
+
+
+def _plan(*args):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  result = subprocess.run([sys.executable, "-m", "mae_jax.plan", "--config=configs/demo.py",
+                           *args], cwd=REPO, capture_output=True, text=True, check=False,
+                          env=env, timeout=900)
+  report = json.loads(result.stdout.splitlines()[-1]) if result.returncode in (0, 1) else None
+  return result, report
+
+
+@pytest.fixture(scope="module")
+def demo_plan():
+  _needs_libtpu()
+  return _plan("--topology=v5e:2x2")
+
+
+def test_demo_compiles_for_v5e_2x2_and_fits(demo_plan):
+  result, report = demo_plan
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert {"topology", "chips", "device_kind", "hbm_gb_per_chip", "memory_gb_per_chip", "fits",
+          "compile_s", "collectives", "suggestions"} <= set(report)
+  assert (report["topology"], report["chips"], report["device_kind"]) == (
+      "v5e:2x2", 4, "TPU v5 lite")
+  assert report["fits"] and report["suggestions"] == []
+  assert 0.01 < report["memory_gb_per_chip"] < report["hbm_gb_per_chip"]
+  # Data parallel over 4 chips: the gradients are all-reduced, nothing is gathered.
+  assert report["collectives"].get("all-reduce", 0) >= 1
+  assert "all-gather" not in report["collectives"]
+  memory = report["memory_gb"]
+  assert memory["state"] == pytest.approx(3 * 4 * 3.2e6 / 1e9, rel=0.25)  # params + 2 moments
+  assert memory["total"] == report["memory_gb_per_chip"] == pytest.approx(
+      memory["arguments"] + memory["outputs"] + memory["temporaries"], abs=0.002)
+  assert "params + optimizer state" in result.stdout and "images/s" in result.stdout
+  assert "TPU" not in result.stderr.replace("TPU v5 lite", "")  # libtpu stays quiet
+
+
+def test_a_config_that_does_not_fit_exits_1_and_its_first_suggestion_fits(demo_plan):
+  # A chip with too little HBM for the demo with its state on every chip, but enough once the
+  # state (and so the gradients) are sharded over the 4 chips.
+  memory = demo_plan[1]["memory_gb"]
+  hbm = memory["total"] + memory["code"] - memory["state"] / 2
+  args = ["--topology=v5e:2x2", "--config.mesh.fsdp_min_mb=0", f"--hbm_gb={hbm:.4f}",
+          "--max_suggestions=1"]
+  result, report = _plan(*args)
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert not report["fits"] and report["suggestions"], result.stdout
+  first = report["suggestions"][0]
+  assert first == ["--config.mesh.fsdp=4"]
+  assert "overrides that fit" in result.stdout and " ".join(first) in result.stdout
+  again, report = _plan(*args, *first)
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert report["fits"] and report["memory_gb"]["state"] < memory["state"] / 2
+  assert report["collectives"]["all-gather"] >= 1  # the sharded params are gathered
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology=v9-8"], "unknown TPU generation"),
+    (["--topology=v5e:2x2", "--config.input.batch_size=6"], "not divisible by the 4 devices"),
+    (["--topology=v5litepod-16", "--config.input.batch_size=8"],
+     "config.input.batch_size=8 is not divisible by the 16 devices"),
+    ([], "--config and --topology are required"),
+])
+def test_usage_errors_exit_2_before_compiling(args, message):
+  result, _ = _plan(*args)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert message in result.stderr
+  assert "compiling" not in result.stdout
+
+
+def test_with_libtpu_installed_cpu_runs_start_quietly_on_the_cpu():
+  _needs_libtpu()
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY")}
+  code = "import mae_jax.train, jax; print(jax.default_backend(), jax.device_count())"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env, cwd=REPO)
+  assert result.stdout.split() == ["cpu", "1"]
+  assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
