@@ -137,9 +137,10 @@ def parse_slice(name: str) -> Slice:
     chips, odd = divmod(size, 2) if g.counts_cores else (size, 0)
     if odd or chips < 1 or chips & (chips - 1) or (g.counts_cores and chips < 4):
       unit = "TensorCores, 2 a chip, at least 8" if g.counts_cores else "chips"
+      examples = (8, 16, 32) if g.counts_cores else (4, 8, 16)
       raise ValueError(f"--topology={name}: {g.accelerator_prefix} sizes count {unit} and are "
-                       f"powers of two ({g.accelerator_prefix}-{16 if g.counts_cores else 16}, "
-                       f"...).")
+                       f"powers of two (" + ", ".join(f"{g.accelerator_prefix}-{n}"
+                                                      for n in examples) + ", ...).")
     return Slice(name, g, _torus_shape(chips, g.torus_dims))
   if match := re.fullmatch(r"(v\d[a-z]*):(\d+(?:x\d+)+)", name):
     prefix = match.group(1)
@@ -352,6 +353,7 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
                      f"use a pretraining config (configs/vit_b.py, vit_l.py, vit_h.py, demo.py).")
   config = _tpu_config(config)
   train.validate_config(config, device_count=tpu.chips, process_count=tpu.hosts)
+  _import_libtpu()
   log(f"slice: {tpu.accelerator_type} = topology {tpu.topology}: {tpu.chips} chips "
       f"({tpu.generation.device_kind}) on {tpu.hosts} host(s); "
       f"{hbm / GB:.4g} GB HBM and {tpu.generation.bf16_tflops:g} bf16 TFLOP/s per chip")
