@@ -24,9 +24,8 @@ import numpy as np
 
 from mae_jax.models import functional as F
 from mae_jax.models.layout import is_scanned, scan_to_unrolled, unrolled_to_scan
-from mae_jax.models.mae import (ImageSize, PatchEmbed, canonical_img_size, check_images,
-                                patch_grid)
-from mae_jax.models.vit import Transformer, broadcast_param
+from mae_jax.models.vit import (ImageSize, PatchEmbed, Transformer, broadcast_param,
+                                canonical_img_size, check_images, patch_grid)
 
 Dtype = Any
 

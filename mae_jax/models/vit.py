@@ -1,4 +1,5 @@
-"""ViT building blocks shared by the MAE and the classifier.
+"""ViT building blocks shared by the MAE and the classifier: image sizes and the patch grid
+(`image_hw`, `patch_grid`, `check_images`), the patch embedding, the Transformer.
 
 Parameter names follow big_vision / vision_transformer (`encoderblock_{i}/LayerNorm_0`,
 `MultiHeadDotProductAttention_0/{query,key,value,out}`, `MlpBlock_0/Dense_{0,1}`, ...).
@@ -8,11 +9,14 @@ big_vision's [D, heads, head_dim] when writing the encoder out.
 """
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from mae_jax.models import functional as F
 
 Dtype = Any
 ATTENTION_IMPLS = ("softmax", "xla", "cudnn")
@@ -257,3 +261,77 @@ class Transformer(nn.Module):
     if not self.final_norm:
       return x
     return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
+
+
+# An image size: one int for a square image, or a (height, width) pair.
+ImageSize = Union[int, Tuple[int, int]]
+
+
+class PatchEmbed(nn.Module):
+  """Linear patch embedding with the kernel in conv layout [p, p, C, D] (big_vision's
+  `embedding`), applied as one matmul over patchified pixels."""
+  patch_size: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    p, c = self.patch_size, images.shape[-1]
+    # The official init is xavier_uniform on the conv weight viewed as [D, p*p*C].
+    kernel = self.param("kernel", linear_init(p * p * c, self.features),
+                        (p, p, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    patches = F.patchify(images, p).astype(self.dtype)
+    return dense(patches, kernel.reshape(-1, self.features), bias)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def image_hw(img_size: Union[ImageSize, Sequence[int]]) -> Tuple[int, int]:
+  """(height, width) in pixels of an `img_size` given as an int (a square) or an (H, W) pair.
+
+  A list [H, W] (a config read back from JSON) is taken as the pair. Raises ValueError for
+  anything else: a float, a bool, a string, a triple, a side below 1.
+  """
+  if _is_int(img_size):
+    hw = (int(img_size), int(img_size))
+  elif (isinstance(img_size, (tuple, list)) and len(img_size) == 2 and
+        all(_is_int(s) for s in img_size)):
+    hw = (int(img_size[0]), int(img_size[1]))
+  else:
+    raise ValueError(f"img_size must be an int (a square image) or an (H, W) pair of ints, "
+                     f"got {img_size!r}")
+  if min(hw) < 1:
+    raise ValueError(f"img_size {img_size!r} must be at least 1 pixel on each side")
+  return hw
+
+
+def canonical_img_size(img_size: Union[ImageSize, Sequence[int]]) -> ImageSize:
+  """`img_size` as a hashable module field: an int stays an int, a pair becomes a tuple."""
+  hw = image_hw(img_size)
+  return hw[0] if _is_int(img_size) else hw
+
+
+def patch_grid(img_size: ImageSize, patch_size: int) -> Tuple[int, int]:
+  """The (rows, cols) of patches of an image; an error if the patches do not tile it."""
+  h, w = image_hw(img_size)
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}: "
+                     f"choose a patch size that divides the image's height and width")
+  return h // patch_size, w // patch_size
+
+
+def num_patches(img_size: ImageSize, patch_size: int) -> int:
+  """L, the number of patches (tokens without cls) of an image."""
+  rows, cols = patch_grid(img_size, patch_size)
+  return rows * cols
+
+
+def check_images(images: jax.Array, img_size: ImageSize, in_chans: int) -> None:
+  """An error naming the expected shape unless `images` is NHWC [B, H, W, in_chans]."""
+  expected = (*image_hw(img_size), in_chans)
+  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+    raise ValueError(f"images must be NHWC [batch, {expected[0]}, {expected[1]}, "
+                     f"{expected[2]}], got shape {tuple(images.shape)}")
