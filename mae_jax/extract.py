@@ -30,12 +30,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
+from mae_jax import config_checks
 from mae_jax import distributed
 from mae_jax import monitor
 from mae_jax import writers
 
 Params = Dict[str, Any]
-CLASSIFIER_MODES = ("finetune", "linprobe")
+CLASSIFIER_MODES = config_checks.CLASSIFIER_JOBS
 
 
 def model_for(params: Params, config: ml_collections.ConfigDict) -> Any:
