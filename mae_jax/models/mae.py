@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from mae_jax.models import functional as F
 from mae_jax.models.vit import (Dense, ImageSize, PatchEmbed, Transformer, broadcast_param,
-                                check_images, linear_init, patch_grid)
+                                canonical_img_size, check_images, linear_init, patch_grid)
 
 Dtype = Any
 class MaskedAutoencoder(nn.Module):
