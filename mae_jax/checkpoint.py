@@ -449,9 +449,13 @@ def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict,
 
 
 def has_checkpoints(workdir: str) -> bool:
-  """Whether WORKDIR/checkpoints holds a committed step (the workdir of a run that has saved)."""
+  """Whether WORKDIR/checkpoints holds a committed step (the workdir of a run that has saved);
+  process 0's answer on every process, so that all restore or all start afresh together."""
   checkpoints = epath.Path(absolute(workdir)) / CHECKPOINTS
-  return checkpoints.is_dir() and bool(ocp.utils.checkpoint_steps(checkpoints))
+  found = checkpoints.is_dir() and bool(ocp.utils.checkpoint_steps(checkpoints))
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return found
 
 
 def has_params(workdir: str) -> bool:
