@@ -177,3 +177,15 @@ def test_every_field_of_every_job_is_documented():
                config_lib.linprobe_config):
     missing = [f for f in _fields(make("vit_b")) if f"`{f}`" not in doc]
     assert not missing, missing
+
+
+def test_docs_and_code_cite_no_file_outside_the_repository():
+  outside = ("RECIPE" + ".md", "ANCHORS" + ".md")  # split: this file must not match itself
+  paths = [*REPO.glob("*.md"), *(p for folder in ("mae_jax", "configs", "docs", "launch", "tests")
+                                  for p in (REPO / folder).rglob("*") if p.is_file()
+                                  and p.suffix in (".py", ".md", ".sh", ".sbatch"))]
+  found = [f"{path.relative_to(REPO)}: {name}" for path in paths
+           for name in outside if name in path.read_text(errors="ignore")]
+  assert not found, found
+  for doc in ("recipe.md", "configs.md"):
+    assert (REPO / "docs" / doc).is_file()
