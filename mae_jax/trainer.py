@@ -11,6 +11,7 @@ Importable without TensorFlow: the input pipeline is imported inside `prepare` o
 import atexit
 import contextlib
 import dataclasses
+import resource
 import signal
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -236,6 +237,17 @@ class Preemption:
     return self._requested
 
 
+def peak_memory() -> Tuple[float, str]:
+  """(peak GiB, source): the devices' allocator peak where they report one (GPU, TPU; max over
+  this process's devices), else the process's peak resident set size (CPU)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+  if peaks:
+    return max(peaks) / 2**30, "device peak_bytes_in_use (max over local devices)"
+  # ru_maxrss is in KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
+
+
 class Reporter:
   """Turns each step's device metrics into a log line, a metrics.jsonl row and TensorBoard
   scalars every `log_every` steps, without stalling the device: an interval's metrics are
@@ -250,16 +262,25 @@ class Reporter:
     self._pending = None
     self._start = (start, time.time())
     self._mark = self._start  # (step, time) the next images/s figure counts from
+    self._input_wait = 0.0  # seconds spent waiting for input batches since the mark
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent outside the steps (e.g. the kNN monitor) out of the interval's
+    time, so that images/s and the input-wait fraction describe the steps alone."""
+    self._mark = (self._mark[0], self._mark[1] + seconds)
 
   def first_step_done(self, step: int, metrics: Dict[str, jax.Array]) -> None:
     """Waits for the first (compiling) step once, then starts the throughput clock."""
     jax.block_until_ready(metrics)
     self._mark = (step, time.time())
+    self._input_wait = 0.0
     logging.info("First step done after %.1f s (compilation included).",
                  self._mark[1] - self._start[1])
 
-  def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-    """Records the metrics of `step` (just dispatched); reports the previous interval."""
+  def add(self, step: int, metrics: Dict[str, jax.Array], input_wait: float = 0.0) -> None:
+    """Records the metrics of `step` (just dispatched) and the seconds the loop waited for its
+    batch; reports the previous interval."""
+    self._input_wait += input_wait
     self._history.append(metrics)
     self.flush()
     if step % self._log_every == 0 or step == self._total:
@@ -282,8 +303,10 @@ class Reporter:
     mark_step, mark_time = self._mark
     if step == mark_step:  # the first step alone: its time includes compilation
       mark_step, mark_time = self._start
-    steps_per_s = (step - mark_step) / max(now - mark_time, 1e-9)
-    self._mark = (step, now)
+    elapsed = max(now - mark_time, 1e-9)
+    steps_per_s = (step - mark_step) / elapsed
+    input_wait = min(self._input_wait / elapsed, 1.0)
+    self._mark, self._input_wait = (step, now), 0.0
     row = {"step": step,
            "loss": float(np.mean([v["loss"] for v in values])),
            "lr": float(values[-1]["lr"]),
@@ -291,12 +314,16 @@ class Reporter:
            "img_per_s": steps_per_s * self._batch_size,
            "steps_per_s": steps_per_s,
            "epoch": step * self._batch_size / self._num_examples,  # passes over the data
-           "eta_s": (self._total - step) / max(steps_per_s, 1e-9)}
+           "eta_s": (self._total - step) / max(steps_per_s, 1e-9),
+           # Where the time goes: an input bottleneck shows as input_wait near 1.
+           "input_wait": input_wait,
+           "peak_memory_gb": peak_memory()[0]}
     if "nonfinite" in values[-1]:
       row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
     logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f  %.1f img/s  "
-                 "ETA %s", step, self._total, row["epoch"], row["loss"], row["lr"],
-                 row["grad_norm"], row["img_per_s"], writers.format_duration(row["eta_s"]))
+                 "input wait %.0f%%  peak memory %.2f GB  ETA %s", step, self._total,
+                 row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["img_per_s"],
+                 100 * input_wait, row["peak_memory_gb"], writers.format_duration(row["eta_s"]))
     self._writer.write_scalars(step, row)
     self._bar.set_postfix(f"loss {row['loss']:.4f}  {row['img_per_s']:.1f} img/s  "
                           f"ETA {writers.format_duration(row['eta_s'])}")
@@ -357,9 +384,12 @@ def run_steps(state, batches: Iterator[Dict[str, np.ndarray]],
   # kills it mid-decode at exit and the process aborts instead of exiting with the error.
   with contextlib.closing(batches), Preemption() as preemption:
     while step < total:
-      state, metrics = step_fn(state, next(batches))
+      waiting = time.perf_counter()
+      batch = next(batches)
+      waiting = time.perf_counter() - waiting
+      state, metrics = step_fn(state, batch)
       step += 1
-      reporter.add(step, metrics)
+      reporter.add(step, metrics, waiting)
       guard.add(step, metrics)
       if step == start + 1:
         reporter.first_step_done(step, metrics)
@@ -484,6 +514,11 @@ class Session:
                                  reporter=self._reporter, guard=guard, after_step=after_step)
     self._bar.close()
     return self.state, step
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation between steps) out of the next row's images/s."""
+    if self._reporter is not None:
+      self._reporter.exclude(seconds)
 
   def flush(self) -> None:
     """Reports the training interval that has ended, so that a row written now (an

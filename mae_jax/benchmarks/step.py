@@ -18,7 +18,6 @@ import collections
 import glob
 import json
 import os
-import resource
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,6 +28,7 @@ from absl import logging
 
 from mae_jax import models
 from mae_jax import train
+from mae_jax.trainer import peak_memory
 from mae_jax.models import vit
 from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 
@@ -51,16 +51,6 @@ def matmul_peak_tflops(dtype: Any, size: Optional[int] = None, reps: int = 10) -
   outs = [matmul(a, b) for _ in range(reps)]
   jax.block_until_ready(outs)
   return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def peak_memory() -> Tuple[float, str]:
-  """(peak GB, source): the devices' allocator peak where they report one, else process RSS."""
-  stats = [d.memory_stats() for d in jax.local_devices()]
-  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
-  if peaks:
-    return max(peaks) / 2**30, "device peak_bytes_in_use (max over local devices)"
-  # ru_maxrss is in KiB on Linux.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, batch_size: Optional[int],
