@@ -20,6 +20,8 @@ CLASSIFIER_JOBS = ("finetune", "linprobe")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # config.nonfinite_guard -> trainer.update_if_finite's `branch`.
 GUARDS = {"auto": None, "cond": True, "select": False}
+# The kNN monitor's features (mae_jax.monitor.FEATURES).
+MONITOR_FEATURES = ("cls", "mean")
 # The input pipeline decodes every image to RGB.
 DATA_CHANNELS = 3
 
@@ -116,6 +118,7 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
     errors += _classifier_problems(config)
   else:
     errors += _pretrain_problems(config, patches)
+    errors += monitor_problems(config, device_count=device_count, process_count=process_count)
 
   check(o.lr > 0 or o.blr > 0, f"config.optimizer.blr={o.blr} and config.optimizer.lr={o.lr}: "
         f"set blr > 0 (lr = blr * batch / 256) or lr > 0.")
@@ -199,6 +202,33 @@ def _pretrain_problems(config: ml_collections.ConfigDict,
   if config.reconstruction_every_steps < 0:
     errors.append(f"config.reconstruction_every_steps={config.reconstruction_every_steps} must "
                   f"be >= 0 (0 = only at the end).")
+  return errors
+
+
+def monitor_problems(config: ml_collections.ConfigDict, *, device_count: int,
+                     process_count: int) -> List[str]:
+  """What is wrong with `config.monitor` (messages naming the field and the fix); [] when the
+  config has no monitor or it is off."""
+  m = config.get("monitor")
+  if m is None:
+    return []
+  if m.every_steps < 0:
+    return [f"config.monitor.every_steps={m.every_steps} must be >= 0 (0 = off)."]
+  if not m.every_steps:
+    return []
+  errors = []
+  if m.batch_size < 1 or m.batch_size % device_count or m.batch_size % process_count:
+    errors.append(f"config.monitor.batch_size={m.batch_size} must be a positive multiple of "
+                  f"the {device_count} devices and the {process_count} processes.")
+  if m.k < 1:
+    errors.append(f"config.monitor.k={m.k} must be at least 1 (DINO uses 20).")
+  if not m.temperature > 0:
+    errors.append(f"config.monitor.temperature={m.temperature} must be > 0 (DINO uses 0.07).")
+  if m.train_examples < 0:
+    errors.append(f"config.monitor.train_examples={m.train_examples} must be >= 0 (0 = the "
+                  f"whole split).")
+  if m.feature not in MONITOR_FEATURES:
+    errors.append(f"config.monitor.feature={m.feature!r} is not one of {MONITOR_FEATURES}.")
   return errors
 
 

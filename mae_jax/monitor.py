@@ -25,10 +25,12 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mae_jax import config_checks
+
 Params = Dict[str, Any]
 # Which encoder output is the feature: the cls token (what the paper's linear probe uses) or the
 # mean of the patch tokens (what fine-tuning's global pool averages), both after encoder_norm.
-FEATURES = ("cls", "mean")
+FEATURES = config_checks.MONITOR_FEATURES
 
 
 # --- the classifier (pure) ------------------------------------------------------------------
@@ -127,12 +129,13 @@ def split_batches(input_config: ml_collections.ConfigDict, *, image_size: int, s
   `seed`), in ceil(max_examples / batch) batches whose rows past `max_examples` must be ignored.
   """
   from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  n = input_pipeline.num_examples(input_config, split)
-  subset = 0 < max_examples < n
-  examples = max_examples if subset else n
+  source = input_pipeline.open_source(input_config, split)
+  subset = 0 < max_examples < len(source)
+  examples = max_examples if subset else len(source)
   batches = input_pipeline.create_iterator(
       input_config, image_size=image_size, seed=seed, train=subset, augment="eval",
-      split=split, process_index=jax.process_index(), process_count=jax.process_count())
+      split=split, process_index=jax.process_index(), process_count=jax.process_count(),
+      source=source)
   return batches, -(-examples // input_config.batch_size), examples
 
 
@@ -179,33 +182,6 @@ def concatenate(parts: List[Embedded], sharding: NamedSharding) -> Embedded:
 
 
 # --- the monitor ----------------------------------------------------------------------------
-
-def config_errors(config: ml_collections.ConfigDict, *, device_count: int,
-                  process_count: int) -> List[str]:
-  """What is wrong with `config.monitor` (messages naming the field and the fix); [] when the
-  config has no monitor or it is off."""
-  m = config.get("monitor")
-  if m is None:
-    return []
-  if m.every_steps < 0:
-    return [f"config.monitor.every_steps={m.every_steps} must be >= 0 (0 = off)."]
-  if not m.every_steps:
-    return []
-  errors = []
-  if m.batch_size < 1 or m.batch_size % device_count or m.batch_size % process_count:
-    errors.append(f"config.monitor.batch_size={m.batch_size} must be a positive multiple of "
-                  f"the {device_count} devices and the {process_count} processes.")
-  if m.k < 1:
-    errors.append(f"config.monitor.k={m.k} must be at least 1 (DINO uses 20).")
-  if not m.temperature > 0:
-    errors.append(f"config.monitor.temperature={m.temperature} must be > 0 (DINO uses 0.07).")
-  if m.train_examples < 0:
-    errors.append(f"config.monitor.train_examples={m.train_examples} must be >= 0 (0 = the "
-                  f"whole split).")
-  if m.feature not in FEATURES:
-    errors.append(f"config.monitor.feature={m.feature!r} is not one of {FEATURES}.")
-  return errors
-
 
 def monitor_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.input with the monitor's dataset, splits and batch size."""

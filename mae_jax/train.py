@@ -23,7 +23,9 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
 from mae_jax import models
+from mae_jax import monitor
 from mae_jax import optim
+from mae_jax import plot
 from mae_jax import trainer
 from mae_jax import visualize
 from mae_jax import writers
@@ -197,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   tx = create_optimizer(config, job.learning_rate)
   abstract_state = abstract_train_state(model, tx, config.seed, job.mesh,
                                         fsdp_min_bytes=trainer.fsdp_min_bytes(config))
+  knn = monitor.create(config, model, job.mesh, BATCH_AXES)  # its dataset checked before writing
 
   def init() -> TrainState:
     state = create_train_state(model, tx, config.seed, abstract_state)
@@ -226,6 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if (config.reconstruction_every_steps and step % config.reconstruction_every_steps == 0
         and step < total):
       write_reconstructions(state.params, step)
+    if knn is not None and knn.due(step, total):
+      session.flush()  # the training row of this step first
+      session.exclude(knn.write(step, state.params, session.writer)["knn_s"])
+
+  if knn is not None and start == 0:
+    knn.write(0, session.state.params, session.writer)  # the random init: where the curve starts
 
   state, step = session.run(
       lambda state, batch: step_fn(
@@ -234,4 +243,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if step == total:
     write_reconstructions(state.params, step)
   session.close()
+  if session.is_main:
+    logging.info("Wrote %s", plot.write([workdir]))
   return state

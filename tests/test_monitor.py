@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mae_jax import checkpoint
+from mae_jax import config_checks
 from mae_jax import config_lib
 from mae_jax import input_pipeline
 from mae_jax import models
@@ -117,10 +118,12 @@ def test_monitor_is_off_by_default_and_its_config_is_checked():
   assert monitor.create(config, None, None, ()) is None
   config = _digits_config(batch_size=100, k=0, temperature=0.0, feature="max",
                           train_examples=-1)
-  errors = "\n".join(monitor.config_errors(config, device_count=8, process_count=2))
+  errors = "\n".join(config_checks.monitor_problems(config, device_count=8, process_count=2))
   for field in ("batch_size=100", "k=0", "temperature=0.0", "feature='max'",
                 "train_examples=-1"):
     assert f"config.monitor.{field}" in errors
+  with pytest.raises(ValueError, match="config.monitor.batch_size=100"):
+    train.validate_config(config, device_count=8, process_count=2)
 
 
 def test_unlabeled_monitor_dataset_stops_before_training():
@@ -147,6 +150,50 @@ def _labels(split):
   c.dataset = "sklearn_digits"
   source = input_pipeline.open_source(c, split)
   return np.asarray([source.read(i)[1] for i in range(len(source))])
+
+
+def test_pretraining_rows_on_4_devices_equal_1_device_and_extract_agrees(tmp_path, env):
+  workdir = tmp_path / "pretrain"
+  overrides = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
+  _run(["mae_jax.main", f"--config={REPO}/configs/demo_digits.py", f"--workdir={workdir}",
+        "--num_cpu_devices=4", "--config.total_steps=5", "--config.warmup_steps=1",
+        "--config.log_every_steps=5", "--config.checkpoint_every_steps=5",
+        "--config.reconstruction_every_steps=0", "--config.monitor.every_steps=2",
+        "--config.monitor.batch_size=128", "--config.input.batch_size=16", *overrides], env)
+  all_rows = workdir_tools.rows(workdir)
+  rows = [r for r in all_rows if "knn_top1" in r]
+  assert [r["step"] for r in rows] == [0, 2, 4, 5]  # the start, every 2 steps, the end
+  # Each training row says where the time went; curves.png is drawn at the end.
+  training = [r for r in all_rows if "loss" in r]
+  assert training and all(0.0 <= r["input_wait"] <= 1.0 and 0.1 < r["peak_memory_gb"] < 64
+                          for r in training)
+  assert (workdir / "curves.png").stat().st_size > 10_000
+  assert all(0 <= r["knn_top1"] <= 100 and r["knn_eval"] == 360 and r["knn_train"] == 1437
+             for r in rows)
+  # The figure of the last params, recomputed here on one device, is the same.
+  params, config = checkpoint.load_params(str(workdir))
+  model = models.from_config(config.model)
+  one = monitor.KnnMonitor(config, model, train.make_mesh(config), train.BATCH_AXES)
+  assert jax.device_count() == 1
+  assert one(params)["knn_top1"] == rows[-1]["knn_top1"]
+
+  # extract on 2 devices: the split's labels in order, and an independent kNN on its features
+  # gives the monitor's last figure.
+  files = {}
+  for split in ("train", "test"):
+    files[split] = tmp_path / f"{split}.npz"
+    out = _run(["mae_jax.extract", f"--workdir={workdir}", f"--output={files[split]}",
+                f"--split={split}", "--batch_size=100", "--num_cpu_devices=2"], env)
+    assert str(files[split]) in out
+  train_set, test_set = (np.load(files[s]) for s in ("train", "test"))
+  assert train_set["features"].shape == (1437, 32) and test_set["features"].shape == (360, 32)
+  assert train_set["features"].dtype == np.float32
+  np.testing.assert_array_equal(train_set["labels"], _labels("train"))
+  np.testing.assert_array_equal(test_set["labels"], _labels("test"))
+  scores = _loop_knn(train_set["features"], train_set["labels"], test_set["features"], 10,
+                     k=20, temperature=0.07)
+  top1 = 100.0 * np.mean(scores.argmax(1) == test_set["labels"])
+  assert top1 == pytest.approx(rows[-1]["knn_top1"], abs=100.0 / 360 + 1e-6)
 
 
 def test_extract_reads_a_finetuning_workdir(tmp_path, env):

@@ -30,7 +30,10 @@ TINY = ["--config=configs/demo.py", "--config.model.img_size=32", "--config.mode
         f"--config.total_steps={STEPS}", "--config.warmup_steps=2",
         "--config.log_every_steps=1", f"--config.checkpoint_every_steps={SAVE_EVERY}",
         "--config.keep_checkpoints=10",
-        "--config.reconstruction_every_steps=0"]
+        "--config.reconstruction_every_steps=0",
+        # The kNN monitor on the shipped digits (a random 256 of train as neighbours).
+        "--config.monitor.every_steps=10", "--config.monitor.dataset=sklearn_digits",
+        "--config.monitor.batch_size=64", "--config.monitor.train_examples=256"]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,19 @@ def _single(workdir: pathlib.Path, env: dict[str, str]) -> str:
                "--num_cpu_devices=4"], env)
 
 
-def _losses(workdir: pathlib.Path) -> dict[int, float]:
+def _rows(workdir: pathlib.Path, key: str) -> list[dict]:
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [row for row in rows if key in row]
+
+
+def _knn(workdir: pathlib.Path) -> dict[int, float]:
+  rows = _rows(workdir, "knn_top1")
+  assert all((r["knn_train"], r["knn_eval"]) == (256, 360) for r in rows)
+  return {row["step"]: row["knn_top1"] for row in rows}
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+  rows = _rows(workdir, "loss")
   steps = [row["step"] for row in rows]
   assert len(steps) == len(set(steps)), f"steps logged twice (by several processes?): {steps}"
   return {row["step"]: row["loss"] for row in rows}
@@ -158,6 +172,12 @@ def test_one_process_checkpoint_resumes_in_pod(single_workdir, tmp_path, env):
   assert output.count(f"Resumed from {workdir}/checkpoints/{SAVE_EVERY}") == 2  # both processes
   expected = {s: l for s, l in _losses(single_workdir).items() if s > SAVE_EVERY}
   _assert_close(_losses(workdir), expected)
+  # The kNN monitor on 2 processes x 2 devices: the figures of 1 process x 4 (within one of
+  # the 360 test digits: the params agree to 1e-7, not bit for bit).
+  single, pod = _knn(single_workdir), _knn(workdir)
+  assert sorted(single) == [0, 10, 20] and sorted(pod) == [10, 20]
+  for step in pod:
+    assert pod[step] == pytest.approx(single[step], abs=100 / 360 + 1e-9), step
 
 
 def test_processes_agree_on_the_newest_checkpoint_every_one_can_read(preempted_pod,
