@@ -22,10 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# timm fills the corners of rotated/sheared/translated images with the mean colour.
-FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
+from mae_jax.config_lib import IMAGENET_MEAN, IMAGENET_STD
+
+
+def fill_colour(mean) -> Tuple[int, ...]:
+  """timm's fill of the corners of rotated/sheared/translated images: the mean colour."""
+  return tuple(min(255, round(255 * m)) for m in mean)
+
+
+FILL = fill_colour(IMAGENET_MEAN)
 
 # ---------------------------------------------------------------------------------------------
 # RandAugment: single-image ops on float32 images holding uint8 values [H, W, 3].
@@ -33,6 +38,10 @@ FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
        "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
        "TranslateYRel")
+# The ops that only move pixels: the ones that mean the same for any channel count.
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+# augment.rand_augment_ops: which of OPS RandAugment draws from.
+OP_SETS = {"all": OPS, "geometric": GEOMETRIC_OPS}
 
 
 def _histogram(img: jax.Array) -> jax.Array:
@@ -164,10 +173,16 @@ class RandAugmentPolicy:
   num_layers: int = 2
   increasing: bool = True
   prob: float = 0.5
+  ops: Tuple[str, ...] = OPS  # drawn uniformly; timm's are all of OPS
+  fill: Tuple[int, ...] = FILL  # the affine ops' fill, per channel
 
 
-def parse_rand_augment(spec: str) -> RandAugmentPolicy:
-  """timm's config string, e.g. "rand-m9-mstd0.5-inc1" (keys m, n, mstd, inc)."""
+def parse_rand_augment(spec: str, ops: str = "all", fill: Tuple[int, ...] = FILL
+                       ) -> RandAugmentPolicy:
+  """timm's config string, e.g. "rand-m9-mstd0.5-inc1" (keys m, n, mstd, inc), drawing from
+  OP_SETS[ops], with the affine ops filling with `fill`."""
+  if ops not in OP_SETS:
+    raise ValueError(f"augment.rand_augment_ops={ops!r} is not one of {tuple(OP_SETS)}")
   parts = spec.split("-")
   if parts[0] != "rand":
     raise ValueError(f"augment.rand_augment must look like 'rand-m9-mstd0.5-inc1', got {spec!r}")
@@ -181,7 +196,8 @@ def parse_rand_augment(spec: str) -> RandAugmentPolicy:
   return RandAugmentPolicy(magnitude=fields.get("m", 10.0),
                            magnitude_std=fields.get("mstd", 0.0),
                            num_layers=int(fields.get("n", 2)),
-                           increasing=bool(fields.get("inc", 0)))
+                           increasing=bool(fields.get("inc", 0)), ops=OP_SETS[ops],
+                           fill=tuple(fill))
 
 
 def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
@@ -190,7 +206,8 @@ def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
 
   u: 3 uniforms (op choice, whether to apply, sign), z: a standard normal (magnitude noise).
   """
-  op = jnp.minimum(jnp.floor(u[0] * len(OPS)).astype(jnp.int32), len(OPS) - 1)
+  ops = policy.ops
+  op = jnp.minimum(jnp.floor(u[0] * len(ops)).astype(jnp.int32), len(ops) - 1)
   op = jnp.where(u[1] < policy.prob, op, -1)  # -1: skipped
   level = jnp.clip(policy.magnitude + policy.magnitude_std * z, 0.0, 10.0) / 10.0
   sign = jnp.where(u[2] > 0.5, -1.0, 1.0)
@@ -204,21 +221,23 @@ def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
     threshold = jnp.floor(level * 256).astype(jnp.int32)
     factor = level * 1.8 + 0.1
 
-  hist = _histogram(img)
-  luts = jnp.stack([auto_contrast_lut(hist), equalize_lut(hist),
-                    255.0 - _identity_lut(), posterize_lut(bits), solarize_lut(threshold),
-                    solarize_add_lut(jnp.floor(level * 110).astype(jnp.int32)),
-                    _identity_lut()])
-  lut_index = {"AutoContrast": 0, "Equalize": 1, "Invert": 2, "Posterize": 3, "Solarize": 4,
-               "SolarizeAdd": 5}
-  lut_of_op = jnp.asarray([lut_index.get(name, 6) for name in OPS] + [6])
-  img = apply_lut(img, luts[lut_of_op[op]])
+  # Colour ops are traced only when the policy draws them (they assume 3 channels).
+  if any(name not in GEOMETRIC_OPS for name in ops):
+    hist = _histogram(img)
+    luts = jnp.stack([auto_contrast_lut(hist), equalize_lut(hist),
+                      255.0 - _identity_lut(), posterize_lut(bits), solarize_lut(threshold),
+                      solarize_add_lut(jnp.floor(level * 110).astype(jnp.int32)),
+                      _identity_lut()])
+    lut_index = {"AutoContrast": 0, "Equalize": 1, "Invert": 2, "Posterize": 3, "Solarize": 4,
+                 "SolarizeAdd": 5}
+    lut_of_op = jnp.asarray([lut_index.get(name, 6) for name in ops] + [6])
+    img = apply_lut(img, luts[lut_of_op[op]])
 
-  degenerates = jnp.stack([grayscale(img), mean_gray(img), jnp.zeros_like(img), smooth(img)])
-  blend_index = {"Color": 0, "Contrast": 1, "Brightness": 2, "Sharpness": 3}
-  is_blend = jnp.asarray([name in blend_index for name in OPS] + [False])[op]
-  degenerate = degenerates[jnp.asarray([blend_index.get(n, 0) for n in OPS] + [0])[op]]
-  img = jnp.where(is_blend, blend(degenerate, img, factor), img)
+    degenerates = jnp.stack([grayscale(img), mean_gray(img), jnp.zeros_like(img), smooth(img)])
+    blend_index = {"Color": 0, "Contrast": 1, "Brightness": 2, "Sharpness": 3}
+    is_blend = jnp.asarray([name in blend_index for name in ops] + [False])[op]
+    degenerate = degenerates[jnp.asarray([blend_index.get(n, 0) for n in ops] + [0])[op]]
+    img = jnp.where(is_blend, blend(degenerate, img, factor), img)
 
   one, zero = jnp.ones(()), jnp.zeros(())
   shear, shift = sign * level * 0.3, sign * level * 0.45
@@ -231,9 +250,9 @@ def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
   ])
   affine_index = {"Rotate": 0, "ShearX": 1, "ShearY": 2, "TranslateXRel": 3,
                   "TranslateYRel": 4}
-  is_affine = jnp.asarray([name in affine_index for name in OPS] + [False])[op]
-  matrix = matrices[jnp.asarray([affine_index.get(n, 0) for n in OPS] + [0])[op]]
-  return jnp.where(is_affine, affine(img, matrix), img)
+  is_affine = jnp.asarray([name in affine_index for name in ops] + [False])[op]
+  matrix = matrices[jnp.asarray([affine_index.get(n, 0) for n in ops] + [0])[op]]
+  return jnp.where(is_affine, affine(img, matrix, policy.fill), img)
 
 
 def rand_augment(key: jax.Array, images: jax.Array,
@@ -363,9 +382,9 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_class
 
 # ---------------------------------------------------------------------------------------------
 
-def from_pixels(pixels: jax.Array) -> jax.Array:
-  """uint8 levels -> ImageNet-normalized float32 images (ToTensor + Normalize)."""
-  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+def from_pixels(pixels: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  """uint8 levels -> float32 images normalized per channel (ToTensor + Normalize)."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return (pixels.astype(jnp.float32) / 255.0 - mean) / std
 
 
@@ -380,28 +399,56 @@ class FinetuneAugment:
   mixup_prob: float
   mixup_switch_prob: float
   smoothing: float         # label smoothing
+  rand_augment_ops: str = "all"  # "geometric": rotate, shear, translate only
+  mean: Tuple[float, ...] = IMAGENET_MEAN  # config.input's normalization, per channel
+  std: Tuple[float, ...] = IMAGENET_STD
 
   @classmethod
-  def from_config(cls, augment_config) -> "FinetuneAugment":
-    """From `config.augment` (its fields of these names)."""
-    return cls(**{f.name: augment_config[f.name] for f in dataclasses.fields(cls)})
+  def from_config(cls, augment_config, input_config=None) -> "FinetuneAugment":
+    """From `config.augment` (its fields of these names; defaults where it lacks one) and
+    `config.input`'s mean and std."""
+    fields = {f.name: augment_config.get(f.name, f.default) for f in dataclasses.fields(cls)
+              if f.name not in ("mean", "std")}
+    if input_config is not None:
+      fields.update(mean=tuple(input_config.get("mean", IMAGENET_MEAN)),
+                    std=tuple(input_config.get("std", IMAGENET_STD)))
+    return cls(**fields)
+
+
+def rand_augment_problem(augment_config, channels: int) -> str:
+  """Why `augment_config` (config.augment or a FinetuneAugment) cannot augment
+  `channels`-channel images ("" if it can)."""
+  ops = getattr(augment_config, "rand_augment_ops", "all")
+  if not augment_config.rand_augment or channels == 3 or ops == "geometric":
+    return ""
+  colour = ", ".join(op for op in OP_SETS.get(ops, OPS) if op not in GEOMETRIC_OPS)
+  return (f"config.augment.rand_augment={augment_config.rand_augment!r} draws colour "
+          f"operations ({colour}) that are defined on RGB images, and "
+          f"config.model.in_chans={channels}: set --config.augment.rand_augment_ops=geometric "
+          f"(rotate, shear, translate only) or --config.augment.rand_augment=''.")
 
 
 def finetune_augment(key: jax.Array, pixels: jax.Array, labels: jax.Array, num_classes: int,
                      augment_config: FinetuneAugment) -> Tuple[jax.Array, jax.Array]:
   """RandAugment -> normalize -> random erasing -> mixup/cutmix with label smoothing.
 
-  `pixels`: the crops as uint8 values [B, H, W, 3] (the input pipeline with normalize=False);
-  `augment_config`: a FinetuneAugment (or `config.augment`). Returns (normalized images, soft
-  targets [B, K]). A stage set to zero/empty is skipped; label smoothing then still applies to
-  the one-hot targets.
+  `pixels`: the crops as uint8 values [B, H, W, C] (the input pipeline with normalize=False);
+  `augment_config`: a FinetuneAugment (or `config.augment`, normalizing with ImageNet's mean
+  and std). Returns (normalized images, soft targets [B, K]). A stage set to zero/empty is
+  skipped; label smoothing then still applies to the one-hot targets. Raises ValueError for
+  RandAugment's colour ops on other than 3 channels (`rand_augment_problem`).
   """
   k_ra, k_re, k_mix = jax.random.split(key, 3)
   c = augment_config
+  mean, std = getattr(c, "mean", IMAGENET_MEAN), getattr(c, "std", IMAGENET_STD)
+  problem = rand_augment_problem(c, pixels.shape[-1])
+  if problem:
+    raise ValueError(problem)
   pixels = pixels.astype(jnp.float32)
   if c.rand_augment:
-    pixels = rand_augment(k_ra, pixels, parse_rand_augment(c.rand_augment))
-  images = from_pixels(pixels)
+    pixels = rand_augment(k_ra, pixels, parse_rand_augment(
+        c.rand_augment, getattr(c, "rand_augment_ops", "all"), fill_colour(mean)))
+  images = from_pixels(pixels, mean, std)
   if c.reprob > 0:
     images = random_erasing(k_re, images, c.reprob)
   if c.mixup > 0 or c.cutmix > 0:

@@ -22,8 +22,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 GUARDS = {"auto": None, "cond": True, "select": False}
 # The kNN monitor's features (mae_jax.monitor.FEATURES).
 MONITOR_FEATURES = ("cls", "mean")
-# The input pipeline decodes every image to RGB.
-DATA_CHANNELS = 3
 
 
 class ConfigError(ValueError):
@@ -91,12 +89,13 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
           f"{m.img_size}; choose a patch size that divides the image size (e.g. "
           f"{_divisor_near(math.gcd(height, width), m.patch_size)}).")
     patches = (height // m.patch_size) * (width // m.patch_size)
-  # What the input pipeline gives: square RGB crops.
-  check(not fine("model.img_size") or height == width, f"config.model.img_size={m.img_size}: "
-        f"the input pipeline makes square crops only; give one size.")
-  check(not fine("model.in_chans") or m.in_chans == DATA_CHANNELS,
-        f"config.model.in_chans={m.in_chans}: the input pipeline gives RGB images; set it to "
-        f"{DATA_CHANNELS}.")
+  # The data's normalization: one input.mean and input.std per channel (ImageNet's fit 3).
+  if fine("model.in_chans"):
+    from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # no TensorFlow
+    try:
+      input_pipeline.check_normalization(config.input, m.in_chans)
+    except ValueError as e:
+      errors.append(str(e))
   widths = [("embed_dim", "num_heads")] + ([] if classifier else
                                            [("decoder_embed_dim", "decoder_num_heads")])
   for dim, heads in widths:
@@ -246,6 +245,10 @@ def _classifier_problems(config: ml_collections.ConfigDict) -> List[str]:
     if not 0.0 < o.get("layer_decay", 1.0) <= 1.0:
       errors.append(f"config.optimizer.layer_decay={o.get('layer_decay')} must lie in (0, 1].")
     a = config.augment
+    from mae_jax import augment  # pylint: disable=g-import-not-at-top
+    problem = augment.rand_augment_problem(a, m.in_chans)
+    if problem:
+      errors.append(problem)
     batch = config.input.batch_size
     if (a.mixup or a.cutmix) and _is_int(batch) and batch % 2:
       errors.append(f"config.input.batch_size={config.input.batch_size} must be even for "

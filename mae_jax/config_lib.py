@@ -5,6 +5,10 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+# ImageNet's per-channel mean and std of RGB values in [0, 1], as the official code normalizes.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # ViT sizes of the paper (docs/recipe.md); decoder 512 x 8, 16 heads, for all.
 MODEL_SIZES = {
     "vit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
@@ -70,6 +74,10 @@ def pretrain_config(size: str) -> ml_collections.ConfigDict:
       decoded_cache_mb=0,       # decoded images kept in memory per process (small datasets)
       eval_split=config_dict.placeholder(str),  # None = the dataset's validation/val/test split
       eval_crop_pct=0.875,      # evaluation: resize to img_size / eval_crop_pct, center crop
+      # Per-channel normalization (x - mean) / std, uint8 values first divided by 255; one value
+      # per channel of config.model.in_chans (`python -m mae_jax.stats` computes them).
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
   ))
   c.num_epochs = 800
   c.warmup_epochs = 40
@@ -165,6 +173,7 @@ def finetune_config(size: str) -> ml_collections.ConfigDict:
   c.input.batch_size = 1024
   c.augment = ml_collections.ConfigDict(dict(
       rand_augment="rand-m9-mstd0.5-inc1",  # timm RandAugment string ("" = off)
+      rand_augment_ops="all",   # "geometric": rotate/shear/translate only (non-RGB channels)
       reprob=0.25,              # random erasing probability (mode "pixel")
       mixup=0.8, cutmix=1.0,    # Beta alphas (0 = off)
       mixup_prob=1.0, mixup_switch_prob=0.5,

@@ -103,7 +103,8 @@ def extract(path: str, *, split: Optional[str] = None, dataset: Optional[str] = 
   replicated = NamedSharding(mesh, P())
   params = jax.tree.map(lambda x: _replicate(np.asarray(x), replicated), params)
   batches, n, examples = monitor.split_batches(c, image_size=model.img_size, split=split,
-                                               seed=seed, max_examples=num_examples)
+                                               seed=seed, max_examples=num_examples,
+                                               channels=model.in_chans)
   logging.info("Extracting %s features of %d images of %s[%s] from %s on %d devices.",
                feature if config.get("mode", "pretrain") not in CLASSIFIER_MODES else "head",
                examples, c.dataset, split, path, jax.device_count())

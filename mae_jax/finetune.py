@@ -167,7 +167,8 @@ def step_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   ConfigDict is closed into the jitted step."""
   return dict(mode=config.mode,
               augment_options=(None if config.mode == "linprobe" else
-                               augment.FinetuneAugment.from_config(config.augment)),
+                               augment.FinetuneAugment.from_config(config.augment,
+                                                                   config.input)),
               grad_accum_steps=config.optimizer.grad_accum_steps,
               guard_branch=config_checks.GUARDS[config.get("nonfinite_guard", "auto")])
 
@@ -252,7 +253,8 @@ def evaluate(config: ml_collections.ConfigDict, state: FinetuneState,
   totals = None
   for batch in input_pipeline.create_iterator(
       _eval_input(config), image_size=config.model.img_size, seed=config.seed, train=False,
-      process_index=jax.process_index(), process_count=jax.process_count(), source=source):
+      process_index=jax.process_index(), process_count=jax.process_count(), source=source,
+      channels=config.model.in_chans):
     batch = input_pipeline.to_global(batch, data_sharding)
     sums = eval_fn(state.params, state.batch_stats, batch["image"], batch["label"],
                    batch["valid"])
@@ -316,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
       normalize=config.mode != "finetune",  # fine-tuning augments the uint8 crops on device
-      source=job.source)
+      source=job.source, channels=config.model.in_chans)
 
   def after_step(step: int, state: FinetuneState) -> None:
     if step % eval_every == 0 or step == total:

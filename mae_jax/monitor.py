@@ -119,9 +119,9 @@ class Embedded(NamedTuple):
   valid: jax.Array
 
 
-def split_batches(input_config: ml_collections.ConfigDict, *, image_size: int, split: str,
-                  seed: int, max_examples: int = 0) -> Tuple[Iterator[Dict[str, np.ndarray]],
-                                                             int, int]:
+def split_batches(input_config: ml_collections.ConfigDict, *, image_size, split: str,
+                  seed: int, max_examples: int = 0, channels: int = 3
+                  ) -> Tuple[Iterator[Dict[str, np.ndarray]], int, int]:
   """(this process's batches of `split` with center crops, batches, examples in the pass).
 
   The whole split once, in order, when `max_examples` is 0 or at least its size; otherwise
@@ -135,7 +135,7 @@ def split_batches(input_config: ml_collections.ConfigDict, *, image_size: int, s
   batches = input_pipeline.create_iterator(
       input_config, image_size=image_size, seed=seed, train=subset, augment="eval",
       split=split, process_index=jax.process_index(), process_count=jax.process_count(),
-      source=source)
+      source=source, channels=channels)
   return batches, -(-examples // input_config.batch_size), examples
 
 
@@ -256,7 +256,7 @@ class KnnMonitor:
     def batches(split, max_examples=0):
       it, n, examples = split_batches(self._input, image_size=self._model.img_size,
                                       split=split, seed=self._config.seed,
-                                      max_examples=max_examples)
+                                      max_examples=max_examples, channels=self._model.in_chans)
       return embedded_batches(self._embed, params, it, num_batches=n, examples=examples,
                               sharding=self._sharding)
 

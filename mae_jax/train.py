@@ -148,19 +148,22 @@ def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.Mask
   WORKDIR/reconstruction_<step>.png (and TensorBoard); every process computes, process 0
   writes."""
   replicated = NamedSharding(mesh, P())
-  images = visualize.sample_images(model.img_size)
+  images = visualize.reconstruction_inputs(config)
+  mean, std = visualize.display_normalization(
+      images, config.input.get("mean", visualize.IMAGENET_MEAN),
+      config.input.get("std", visualize.IMAGENET_STD))
   # Every process holds the same images and noise: a replicated global array each.
   images = jax.make_array_from_process_local_data(replicated, images)
   noise = jax.make_array_from_process_local_data(replicated, visualize.fixed_noise(
       config.seed, images.shape[0], models.num_patches(model.img_size, model.patch_size)))
   render = jax.jit(functools.partial(visualize.reconstruct, model,
-                                     mask_ratio=config.model.mask_ratio),
+                                     mask_ratio=config.model.mask_ratio, mean=mean, std=std),
                    out_shardings=replicated)
 
   def write(params: Params, step: int) -> None:
     panels = np.asarray(render(params, images, noise))
     if jax.process_index() == 0:
-      grid = visualize.grid_image(panels)
+      grid = visualize.grid_image(visualize.select_bands(panels))
       path = visualize.save_png(grid, f"{workdir}/reconstruction_{step:08d}.png")
       writer.write_image(step, "reconstruction", grid)
       logging.info("Wrote %s", path)
@@ -219,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count(),
-      source=job.source)
+      source=job.source, channels=config.model.in_chans)
   step_fn = jit_train_step(config, model, tx, job.learning_rate, abstract_state, job.mesh)
   data_sharding = batch_sharding(job.mesh)
   write_reconstructions = _reconstruction_writer(config, model, job.mesh, workdir,

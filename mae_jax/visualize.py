@@ -15,6 +15,7 @@ checkpoint) or one written by `mae_jax.convert` (official `*_full` checkpoints c
 that this needs). Without --images a few of scikit-image's sample photos are used.
 """
 
+import io
 import math
 import os
 from typing import Any, Dict, Optional, Sequence
@@ -25,11 +26,12 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from mae_jax import config_lib
 from mae_jax import models
 from mae_jax.models import functional as F
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(config_lib.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(config_lib.IMAGENET_STD, np.float32)
 # Recognizable colour photos that install with scikit-image.
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
 COLUMNS = ("original", "masked", "prediction", "prediction + visible", "w/ true patch stats")
@@ -37,33 +39,84 @@ COLUMNS = ("original", "masked", "prediction", "prediction + visible", "w/ true 
 Params = Dict[str, Any]
 
 
-def prepare_image(image: Image.Image, size: models.ImageSize) -> np.ndarray:
-  """Resized (bicubic) to just cover `size` (an int or (H, W)), centre crop, ImageNet-normalized
-  float32 [H, W, 3]; for a square size the shorter side is resized to it."""
-  image = image.convert("RGB")
-  height, width = models.image_hw(size)
-  scale = max(height / image.height, width / image.width)
-  w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-  image = image.resize((w, h), Image.BICUBIC)
-  left, top = (w - width) // 2, (h - height) // 2
-  pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32) / 255.0
-  return (pixels - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def load_images(paths: Sequence[str], size: models.ImageSize) -> np.ndarray:
-  """Image files -> normalized float32 [N, H, W, 3]."""
+def load_images(paths: Sequence[str], size: models.ImageSize, channels: int = 3,
+                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                ) -> np.ndarray:
+  """Image or band files (read as the input pipeline reads them for `channels`) -> resized to
+  just cover `size` (an int or (H, W)), centre crop, normalized per channel: float32
+  [N, H, W, C]. A colour picture for a 1-channel model is shown in grey."""
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  image_files = input_pipeline.decode
   out = []
   for path in paths:
-    with Image.open(path) as image:
-      out.append(prepare_image(image, size))
-  return np.stack(out)
+    with open(path, "rb") as f:
+      data = f.read()
+    if channels == 1 and not image_files.is_array_file(path):
+      pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))[..., None]
+    else:
+      pixels = image_files.read_pixels(data, path, channels)
+    out.append(image_files.eval_resize_and_crop(pixels, image_files.size_hw(size), 1.0).astype(
+        np.float32)
+        / (255.0 if pixels.dtype == np.uint8 else 1.0))
+  return input_pipeline.normalize(np.stack(out), mean=tuple(mean), std=tuple(std))
 
 
-def sample_images(size: models.ImageSize) -> np.ndarray:
-  """scikit-image's sample photos, normalized float32 [N, H, W, 3]."""
+def sample_images(size: models.ImageSize, channels: int = 3,
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                  ) -> np.ndarray:
+  """scikit-image's sample photos, normalized float32 [N, H, W, C]; in grey for C = 1."""
+  if channels not in (1, 3):
+    raise ValueError(f"the sample photos have no {channels}-band version: pass image or band "
+                     f"files of your data (--images)")
   import skimage.data  # pylint: disable=g-import-not-at-top
   folder = os.path.dirname(skimage.data.__file__)
-  return load_images([os.path.join(folder, name) for name in SAMPLE_PHOTOS], size)
+  return load_images([os.path.join(folder, name) for name in SAMPLE_PHOTOS], size, channels,
+                     mean, std)
+
+
+def reconstruction_inputs(config) -> np.ndarray:
+  """The images that training's reconstruction figures show: the sample photos (in grey for a
+  1-channel model), or the first files of the training data for other channel counts."""
+  m, c = config.model, config.input
+  mean, std = tuple(c.get("mean", IMAGENET_MEAN)), tuple(c.get("std", IMAGENET_STD))
+  if m.in_chans in (1, 3):
+    return sample_images(m.img_size, m.in_chans, mean, std)
+  from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  first = c.copy_and_resolve_references()
+  first.unlock()
+  first.update(batch_size=len(SAMPLE_PHOTOS), num_workers=0, prefetch=0)
+  batch = next(input_pipeline.create_iterator(
+      first, image_size=m.img_size, seed=0, train=False, split=c.split, process_index=0,
+      process_count=1, channels=m.in_chans))
+  return batch["image"][batch["valid"]]
+
+
+def display_normalization(images_: np.ndarray, mean: Sequence[float], std: Sequence[float]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) for `panels` that show normalized `images_` [N, H, W, C] on [0, 1]: the
+  data's own when its values lie in [0, 1] (8-bit pictures and bands), else each channel
+  stretched between its 1st and 99th percentile (bands in other units)."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  values = np.asarray(images_, np.float32) * std + mean
+  if values.min() >= -0.01 and values.max() <= 1.01:
+    return mean, std
+  lo, hi = np.percentile(values.reshape(-1, values.shape[-1]), [1, 99], axis=0)
+  span = np.maximum(hi - lo, 1e-6)
+  return (mean - lo) / span, std / span
+
+
+def select_bands(figure: np.ndarray, bands: Optional[Sequence[int]] = None) -> np.ndarray:
+  """[..., C] panels -> [..., 3] for display: grey for one band, RGB for three; for other
+  counts the chosen `bands` (1 or 3 indices; default the first three)."""
+  c = figure.shape[-1]
+  if bands is None:
+    bands = [0] if c == 1 else [0, 1, 2] if c >= 3 else [0]
+  bands = list(bands)
+  if len(bands) not in (1, 3) or not all(0 <= b < c for b in bands):
+    raise ValueError(f"--bands={bands}: give 1 (grey) or 3 (red, green, blue) band indices "
+                     f"in 0..{c - 1}")
+  picked = figure[..., bands]
+  return np.repeat(picked, 3, axis=-1) if len(bands) == 1 else picked
 
 
 def fixed_noise(seed: int, batch: int, num_patches: int) -> np.ndarray:
@@ -86,10 +139,11 @@ def unnormalize_with_visible(pred: jax.Array, target: jax.Array, mask: jax.Array
 
 
 def panels(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
-           norm_pix_loss: bool) -> jax.Array:
-  """The panels of each row in pixels, float32 [N, K, H, W, 3] in [0, 1] (K = 5 for norm_pix
+           norm_pix_loss: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  """The panels of each row in pixels, float32 [N, K, H, W, C] in [0, 1] (K = 5 for norm_pix
   predictions, else 4; titles in COLUMNS), from the model's normalized input, its predictions
-  [N, L, p*p*C] and mask [N, L] (1 = removed)."""
+  [N, L, p*p*C] and mask [N, L] (1 = removed); `mean` / `std` undo the normalization
+  (`display_normalization`)."""
   n, h, w, c = images.shape
   p = patch_size
   grid = (h // p, w // p)
@@ -97,21 +151,22 @@ def panels(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
   honest = unnormalize_with_visible(pred, target, mask) if norm_pix_loss else pred
   recon = F.unpatchify(honest, p, grid, c)
   removed = F.unpatchify(jnp.repeat(mask[..., None], p * p * c, axis=-1), p, grid, c)
-  # Removed patches become 0 in normalized space, i.e. the ImageNet mean colour (as the
-  # official demo shows them).
+  # Removed patches become 0 in normalized space, i.e. the mean colour (as the official demo
+  # shows them).
   masked = images * (1.0 - removed)
   columns = [images, masked, recon, masked + recon * removed]
   if norm_pix_loss:
     columns.append(F.unpatchify(F.unnormalize_pred(pred, images, p), p, grid, c))
   out = jnp.stack(columns, axis=1)
-  return jnp.clip(out * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+  return jnp.clip(out * jnp.asarray(std) + jnp.asarray(mean), 0.0, 1.0)
 
 
 def reconstruct(model: models.MaskedAutoencoder, params: Params, images: jax.Array,
-                noise: jax.Array, *, mask_ratio: float) -> jax.Array:
-  """Runs the model and returns its figure panels [N, K, H, W, 3] (see `panels`)."""
+                noise: jax.Array, *, mask_ratio: float, mean=IMAGENET_MEAN, std=IMAGENET_STD
+                ) -> jax.Array:
+  """Runs the model and returns its figure panels [N, K, H, W, C] (see `panels`)."""
   _, pred, mask = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
-  return panels(images, pred, mask, model.patch_size, model.norm_pix_loss)
+  return panels(images, pred, mask, model.patch_size, model.norm_pix_loss, mean, std)
 
 
 def grid_image(figure: np.ndarray, *, min_panel: int = 128, gap: int = 4) -> np.ndarray:
@@ -149,9 +204,12 @@ def save_png(image: np.ndarray, path: str) -> str:
 
 
 def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optional[str] = None,
-           mask_ratio: Optional[float] = None, seed: int = 0, model_config=None) -> str:
+           mask_ratio: Optional[float] = None, seed: int = 0, model_config=None,
+           bands: Optional[Sequence[int]] = None) -> str:
   """Renders reconstructions with the params of `path` (see checkpoint.load_params) into
-  `output` (default PATH/visualize.png) and returns the PNG's path."""
+  `output` (default PATH/visualize.png) and returns the PNG's path. Images are normalized with
+  the workdir config's input.mean / input.std (ImageNet's without one); a 1-channel model is
+  drawn in grey, others from `bands` (1 or 3 indices, default the first three)."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params, config = checkpoint.load_params(path)
   model_config = model_config or (config.model if config is not None else None)
@@ -163,13 +221,23 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
   # Whatever the training compute dtype, render in float32 with the params' own layout.
   model = models.from_config(model_config).clone(dtype="float32",
                                                  scan=models.is_scanned(params))
-  pixels = (load_images(images, model.img_size) if images
-            else sample_images(model.img_size))
+  input_config = config.get("input", {}) if config is not None else {}
+  mean = tuple(input_config.get("mean", IMAGENET_MEAN))
+  std = tuple(input_config.get("std", IMAGENET_STD))
+  if images:
+    pixels = load_images(images, model.img_size, model.in_chans, mean, std)
+  elif model.in_chans in (1, 3) or config is None:
+    pixels = sample_images(model.img_size, model.in_chans, mean, std)
+  else:
+    pixels = reconstruction_inputs(config)
   noise = fixed_noise(seed, pixels.shape[0], models.num_patches(model.img_size, model.patch_size))
   ratio = model_config.get("mask_ratio", 0.75) if mask_ratio is None else mask_ratio
-  figure = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio))(
+  shown_mean, shown_std = display_normalization(pixels, mean, std)
+  figure = jax.jit(lambda p, x, z: reconstruct(model, p, x, z, mask_ratio=ratio,
+                                               mean=shown_mean, std=shown_std))(
       params, pixels, noise)
-  return save_png(grid_image(np.asarray(figure)), output or os.path.join(path, "visualize.png"))
+  figure = select_bands(np.asarray(figure), bands)
+  return save_png(grid_image(figure), output or os.path.join(path, "visualize.png"))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -179,8 +247,10 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax reports every file it reads at INFO
   paths = list(_IMAGES.value or []) + list(argv[1:])  # `--images a.jpg b.png` also works
   model_config = _CONFIG.value.model if _CONFIG.value is not None else None
+  bands = [int(b) for b in _BANDS.value] if _BANDS.value else None
   print(render(_WORKDIR.value, images=paths, output=_OUTPUT.value,
-               mask_ratio=_MASK_RATIO.value, seed=_SEED.value, model_config=model_config))
+               mask_ratio=_MASK_RATIO.value, seed=_SEED.value, model_config=model_config,
+               bands=bands))
 
 
 if __name__ == "__main__":
@@ -198,6 +268,9 @@ if __name__ == "__main__":
                            "must lie in [0, 1): the fraction of patches removed (the paper's "
                            "0.75); 1.0 would leave the encoder no patch to see.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masking noise.")
+  _BANDS = flags.DEFINE_list("bands", None, "Bands to draw for a model of other than 1 or 3 "
+                             "channels: 3 indices (as red, green, blue) or 1 (grey); default "
+                             "the first three.")
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "The model's config, for params without a config.json.")
   app.run(main)

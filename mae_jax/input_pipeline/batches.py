@@ -6,7 +6,6 @@ import functools
 import math
 from typing import Any
 
-import cv2
 import numpy as np
 
 from mae_jax.input_pipeline import decode
@@ -94,7 +93,7 @@ class BatchMaker:
   """Fills this process's rows of the global batch at a step; picklable for worker processes."""
   source: Source
   sampler: Sampler
-  image_size: int
+  image_size: decode.Size  # (height, width)
   augment: str
   one_pass: bool     # one pass in order: a padded last batch and a "valid" mask
   labeled: bool
@@ -104,6 +103,10 @@ class BatchMaker:
   eval_crop_pct: float
   random_flip: bool = True  # horizontal flip with probability 1/2 in the "mae" augmentation
   decoded_cache_bytes: int = 0  # DecodedCache budget per process (0: no cache)
+  channels: int = 3
+  mean: tuple[float, ...] = decode.IMAGENET_MEAN  # per channel, for normalize
+  std: tuple[float, ...] = decode.IMAGENET_STD
+  pixel_dtype: str = "uint8"  # what the files decode to: uint8, or float32 for other arrays
   _cache: DecodedCache = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
@@ -121,8 +124,8 @@ class BatchMaker:
   def spec(self) -> dict[str, tuple[tuple[int, ...], type]]:
     """Shape and dtype of each array of a batch."""
     rows = self.sampler.global_batch // self.sampler.process_count
-    size = self.image_size
-    spec = {"image": ((rows, size, size, 3), np.float32 if self.normalize else np.uint8)}
+    shape = (rows, *self.image_size, self.channels)
+    spec = {"image": (shape, np.float32 if self.normalize else np.dtype(self.pixel_dtype))}
     if self.labeled:
       spec["label"] = ((rows,), np.int32)
     if self.one_pass:
@@ -148,7 +151,7 @@ class BatchMaker:
     for row in range(rows):
       image, label, valid = self._example(step * rows + row)
       if self.normalize:
-        decode.normalize(image, out=out["image"][row])
+        decode.normalize(image, out["image"][row], self.mean, self.std)
       else:
         out["image"][row] = image
       if self.labeled:
@@ -176,22 +179,28 @@ class BatchMaker:
                        f"{self.source.describe(index)} on are unreadable; the data is broken.")
 
   def _blank(self) -> np.ndarray:
-    return np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    return np.zeros((*self.image_size, self.channels), self.pixel_dtype)
 
   def _image(self, record: int, rng: np.random.Generator) -> tuple[np.ndarray | None, int]:
     where = self.source.describe(record)
     try:
       data, label, decoded = self._cache.read(self.source, record)
+      box = None  # the evaluation crop
       if self.augment == "mae":
-        box = lambda w, h: decode.random_resized_crop_box(rng, w, h, self.crop_scale, self.crop_ratio)
-      else:
-        box = lambda w, h: decode.center_crop_box(w, h, self.eval_crop_pct)
-      image = decode.decode_and_crop(data, self.image_size, box, where, decoded)
+        box = lambda w, h: decode.random_resized_crop_box(rng, w, h, self.crop_scale,
+                                                          self.crop_ratio)
+      image = decode.decode_and_crop(data, self.image_size, box, crop_pct=self.eval_crop_pct,
+                                     where=where, channels=self.channels, decoded=decoded)
     except decode.DECODE_ERRORS as e:
       file_issues.note_skipped(where, e)
       return None, -1
     finally:
       self._cache.settle(record)
+    if image.dtype != self.pixel_dtype:
+      raise decode.DatasetMismatch(
+          f"{where} decodes to {image.dtype} values where the dataset's first file gave "
+          f"{self.pixel_dtype}: normalization needs one kind of value per dataset (uint8 "
+          f"pictures and 8-bit arrays, or other arrays only); convert the files to one type")
     if self.augment == "mae" and self.random_flip and rng.random() < 0.5:
-      image = cv2.flip(image, 1)
+      image = np.ascontiguousarray(image[:, ::-1])
     return image, label

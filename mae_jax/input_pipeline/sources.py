@@ -18,7 +18,7 @@ import numpy as np
 SHIPPED = ("skimage_photos", "sklearn_digits")
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm"))
+                              ".ppm", ".pgm", ".pbm", ".npy"))  # .npy, .tif: bands (decode)
 IMAGENET_URL = "https://image-net.org/challenges/LSVRC/2012/2012-downloads.php"
 
 

@@ -1,0 +1,231 @@
+"""Any image through the whole pipeline: non-square sizes, grayscale and multispectral bands,
+per-channel normalization, and pretraining on each."""
+
+import io
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+import tifffile
+from PIL import Image
+
+from mae_jax import config_lib
+from mae_jax import input_pipeline as ip
+from mae_jax import stats
+from mae_jax import visualize
+from mae_jax.input_pipeline import decode
+
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def _input(folder, **overrides):
+  c = config_lib.pretrain_config("vit_b").input
+  c.dataset = f"folder:{folder}"
+  c.batch_size = 4
+  c.num_workers = 0
+  c.update(overrides)
+  return c
+
+
+def _photo(width, height, seed):
+  photo = np.roll(skimage.data.astronaut(), 37 * seed, axis=1)
+  return np.asarray(Image.fromarray(photo).resize((width, height), Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def grey_folder(tmp_path_factory):
+  """Grayscale PNGs and JPEGs of several sizes and aspects, in two classes."""
+  root = tmp_path_factory.mktemp("grey")
+  for i, (w, h) in enumerate([(90, 60), (20, 13), (64, 100), (150, 150), (33, 70), (80, 45)]):
+    (root / ("a" if i % 2 else "b")).mkdir(exist_ok=True)
+    grey = _photo(w, h, i).mean(-1).astype(np.uint8)
+    Image.fromarray(grey).save(root / ("a" if i % 2 else "b") / f"{i}.{'png' if i % 3 else 'jpg'}")
+  return root
+
+
+def _bands(w, h, seed, dtype=np.uint16):
+  """4 bands: the photo's RGB and their mean, on a 0-10000 scale like reflectance data."""
+  rgb = _photo(w, h, seed).astype(np.float32)
+  return (np.concatenate([rgb, rgb.mean(-1, keepdims=True)], -1) * (10000 / 255)).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def npy_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("npy")
+  for i, (w, h) in enumerate([(90, 60), (40, 70), (120, 80), (64, 64), (30, 20)]):
+    np.save(root / f"{i}.npy", _bands(w, h, i))
+  return root
+
+
+@pytest.fixture(scope="module")
+def tif_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tif")
+  for i, (w, h) in enumerate([(90, 60), (40, 70), (120, 80), (64, 64), (30, 20)]):
+    tifffile.imwrite(root / f"{i}.tif", _bands(w, h, i, np.float32), photometric="minisblack",
+                     planarconfig="contig")
+  return root
+
+
+def test_grayscale_non_square_folder_gives_one_channel_crops_as_official(grey_folder):
+  c = _input(grey_folder, mean=(0.45,), std=(0.25,))
+  batches = list(ip.create_iterator(c, image_size=(24, 40), seed=0, train=False, channels=1,
+                                    split="train"))
+  assert [b["image"].shape for b in batches] == [(4, 24, 40, 1)] * 2
+  source = ip.open_source(c)
+  for row in range(6):
+    data, label = source.read(row)
+    grey = np.asarray(Image.open(io.BytesIO(data)))
+    want = decode.eval_resize_and_crop(grey[..., None], (24, 40), 0.875)
+    got = batches[row // 4]["image"][row % 4]
+    np.testing.assert_allclose(got, (want / 255.0 - 0.45) / 0.25, atol=1e-5)
+    assert batches[row // 4]["label"][row % 4] == label
+  train = next(ip.create_iterator(c, image_size=(24, 40), seed=0, train=True, channels=1))
+  assert train["image"].shape == (4, 24, 40, 1) and np.isfinite(train["image"]).all()
+
+
+def test_three_channel_defaults_refuse_other_channel_counts(grey_folder):
+  with pytest.raises(ValueError, match=r"input.mean=\(0.485, 0.456, 0.406\) \(ImageNet's, the "
+                     r"default\) .* config.model.in_chans=1: set --config.input.mean"):
+    ip.create_iterator(_input(grey_folder), image_size=16, seed=0, train=True, channels=1)
+  with pytest.raises(ValueError, match="input.std=.* must be > 0"):
+    ip.validate(_input(grey_folder, mean=(0.5,), std=(0.0,)), channels=1)
+
+
+@pytest.mark.parametrize("folder", ["npy_folder", "tif_folder"])
+def test_band_folders_give_normalized_bands(folder, request):
+  root = request.getfixturevalue(folder)
+  mean, std = (5000.0, 4000.0, 3000.0, 4100.0), (2500.0, 2000.0, 2200.0, 2100.0)
+  c = _input(root, mean=mean, std=std, batch_size=5)
+  batch = next(ip.create_iterator(c, image_size=(16, 24), seed=0, train=False, channels=4,
+                                  split="train"))
+  assert batch["image"].shape == (5, 16, 24, 4) and batch["valid"].all()
+  source = ip.open_source(c)
+  for row in range(5):
+    bands = decode.read_pixels(source.read(row)[0], channels=4)
+    want = decode.eval_resize_and_crop(bands.astype(np.float32), (16, 24), 0.875)
+    np.testing.assert_allclose(batch["image"][row], (want - mean) / np.asarray(std), rtol=1e-5,
+                               atol=1e-5)
+  raw = next(ip.create_iterator(c, image_size=(16, 24), seed=0, train=True, channels=4,
+                                normalize=False))
+  assert raw["image"].dtype == np.float32 and raw["image"].max() > 255  # the file's own units
+
+
+def test_a_file_that_does_not_fit_stops_the_input_naming_it(npy_folder, tmp_path):
+  for name in ("0.npy", "1.npy"):
+    (tmp_path / name).write_bytes((npy_folder / name).read_bytes())
+  np.save(tmp_path / "2.npy", _bands(30, 30, 0)[..., :3])
+  c = _input(tmp_path, mean=(0.0,) * 4, std=(1.0,) * 4, batch_size=3)
+  with pytest.raises(decode.DatasetMismatch, match=r"2.npy has 3 channels, but "
+                     r"config.model.in_chans=4"):
+    next(ip.create_iterator(c, image_size=16, seed=0, train=False, channels=4, split="train"))
+  (tmp_path / "2.npy").unlink()
+  np.save(tmp_path / "2.npy", _bands(30, 30, 0, np.uint8))
+  with pytest.raises(decode.DatasetMismatch, match=r"2.npy decodes to uint8 values where the "
+                     r"dataset's first file gave float32"):
+    next(ip.create_iterator(c, image_size=16, seed=0, train=False, channels=4, split="train"))
+
+
+def test_mixed_channel_counts_in_an_image_folder_stop_with_the_file(grey_folder, tmp_path):
+  for path in grey_folder.glob("*/*"):
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+  Image.fromarray(_photo(30, 20, 0)).save(tmp_path / "colour.png")
+  c = _input(tmp_path, mean=(0.5,), std=(0.25,), batch_size=7)
+  with pytest.raises(decode.DatasetMismatch, match="colour.png is a colour image"):
+    next(ip.create_iterator(c, image_size=16, seed=0, train=False, channels=1, split="train"))
+
+
+def test_stats_are_the_bands_mean_and_std_over_all_pixels(npy_folder):
+  c = _input(npy_folder)
+  result = stats.dataset_stats(c, channels=4)
+  every = np.concatenate([np.load(p).reshape(-1, 4) for p in sorted(npy_folder.glob("*.npy"))])
+  np.testing.assert_allclose(result["mean"], every.mean(0), rtol=1e-3)
+  np.testing.assert_allclose(result["std"], every.std(0), rtol=1e-3)
+  assert result["images"] == 5 and result["pixels"] == len(every) and result["skipped"] == 0
+  assert stats.overrides(result).startswith("--config.input.mean='(")
+
+
+def _pretrain(workdir, *overrides):
+  """`python -m mae_jax.main` with a tiny model for 3 steps; its metrics rows."""
+  command = [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/demo.py",
+             f"--workdir={workdir}", "--config.total_steps=3", "--config.warmup_steps=1",
+             "--config.log_every_steps=1", "--config.reconstruction_every_steps=0",
+             "--config.input.batch_size=4", "--config.input.num_workers=0",
+             "--config.input.decoded_cache_mb=0", "--config.model.patch_size=8",
+             "--config.model.embed_dim=32", "--config.model.depth=1",
+             "--config.model.num_heads=2", "--config.model.decoder_embed_dim=16",
+             "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+             *overrides]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretraining_on_a_grayscale_non_square_folder_and_on_tif_bands(grey_folder, tif_folder,
+                                                                      tmp_path):
+  rows = _pretrain(tmp_path / "grey", f"--config.input.dataset=folder:{grey_folder}",
+                   "--config.model.img_size=(24, 40)", "--config.model.in_chans=1",
+                   "--config.input.mean=(0.45,)", "--config.input.std=(0.25,)")
+  assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+  config = json.loads((tmp_path / "grey" / "config.json").read_text())
+  assert config["model"]["img_size"] == [24, 40] and config["model"]["in_chans"] == 1
+  figure = np.asarray(Image.open(tmp_path / "grey" / "reconstruction_00000003.png"))
+  assert figure.ndim == 3 and (figure[..., 0] == figure[..., 2]).all()  # drawn in grey
+  assert (figure != 255).any(axis=-1).any(axis=1).sum() > 4 * 24  # four rows of 24-px panels
+  rows = _pretrain(tmp_path / "tif", f"--config.input.dataset=folder:{tif_folder}",
+                   "--config.model.img_size=(16, 32)", "--config.model.in_chans=4",
+                   "--config.input.mean=(5000, 4000, 3000, 4100)",
+                   "--config.input.std=(2500, 2000, 2200, 2100)")
+  assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+  # Reconstructions of the first training files, bands 0-2 as RGB; then bands 3, 3, 3 (grey).
+  default = np.asarray(Image.open(tmp_path / "tif" / "reconstruction_00000003.png"))
+  assert not (default[..., 0] == default[..., 2]).all()
+  png = visualize.render(str(tmp_path / "tif"), bands=[3], output=str(tmp_path / "b3.png"))
+  grey = np.asarray(Image.open(png))
+  assert grey.shape == default.shape and (grey[..., 0] == grey[..., 2]).all()
+  with pytest.raises(ValueError, match=r"--bands=\[4\]: give 1 \(grey\) or 3"):
+    visualize.render(str(tmp_path / "tif"), bands=[4], output=str(tmp_path / "b4.png"))
+
+
+def test_rand_augment_keeps_geometric_ops_for_other_channel_counts():
+  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax import augment as A  # pylint: disable=g-import-not-at-top
+  ft = config_lib.finetune_config("vit_b")
+  assert A.rand_augment_problem(ft.augment, 3) == ""
+  problem = A.rand_augment_problem(ft.augment, 1)
+  assert "colour operations (AutoContrast, Equalize" in problem
+  assert "--config.augment.rand_augment_ops=geometric" in problem
+  ft.augment.rand_augment_ops = "geometric"
+  assert A.rand_augment_problem(ft.augment, 4) == ""
+  # On a grey image the geometric ops move each channel alike: one channel of the RGB result
+  # is the 1-channel result.
+  grey = _photo(40, 32, 0).mean(-1, keepdims=True).round().astype(np.float32)[None]
+  rgb = np.repeat(grey, 3, axis=-1)
+  policy = A.parse_rand_augment("rand-m9-mstd0.5-inc1", "geometric", (124,) * 3)
+  one = A.parse_rand_augment("rand-m9-mstd0.5-inc1", "geometric", (124,))
+  key = jax.random.key(3)
+  out_rgb = np.asarray(A.rand_augment(key, rgb, policy))
+  out_one = np.asarray(A.rand_augment(key, grey, one))
+  assert out_one.shape == grey.shape and not np.array_equal(out_one, grey)
+  np.testing.assert_array_equal(out_one[..., 0], out_rgb[..., 0])
+  pair = np.concatenate([grey, grey]).astype(np.uint8)  # mixup pairs examples up
+  images, targets = A.finetune_augment(key, pair, np.zeros(2, np.int32), 5, ft.augment,
+                                       mean=(0.5,), std=(0.25,))
+  assert images.shape == pair.shape and targets.shape == (2, 5)
+  ft.augment.rand_augment_ops = "all"
+  with pytest.raises(ValueError, match="config.model.in_chans=1"):
+    A.finetune_augment(key, pair, np.zeros(2, np.int32), 5, ft.augment, mean=(0.5,),
+                       std=(0.25,))
+
+
+def test_fine_tuning_configs_refuse_colour_ops_and_three_channel_stats_for_grey():
+  from mae_jax import finetune  # pylint: disable=g-import-not-at-top
+  ft = config_lib.finetune_config("vit_b")
+  ft.model.in_chans = 1
+  with pytest.raises(ValueError, match="rand_augment_ops=geometric"):
+    finetune.validate_config(ft, device_count=128)
+  ft.augment.rand_augment_ops = "geometric"
+  finetune.validate_config(ft, device_count=128)
