@@ -258,12 +258,13 @@ def _copy_arrays(tree):
   return np.ascontiguousarray(tree, dtype=np.float32)
 
 
-def params_to_torch(params: Params, img_size: Optional[int] = None,
+def params_to_torch(params: Params, img_size=None,
                     patch_size: Optional[int] = None,
                     batch_stats: Optional[Params] = None) -> Dict[str, np.ndarray]:
   """params tree (unrolled or scanned) -> official key names, as numpy arrays.
 
-  With `img_size` the fixed `pos_embed` (and `decoder_pos_embed`) tables are added, so that the
+  With `img_size` (an int or an (H, W) pair) the fixed `pos_embed` (and `decoder_pos_embed`)
+  tables of its patch grid are added, so that the
   official model loads the dict with `strict=True`. With a linear probe's `batch_stats`, the
   head is written as the official `head.0` (BatchNorm statistics) and `head.1` (Linear).
   """
@@ -323,7 +324,7 @@ def params_to_torch(params: Params, img_size: Optional[int] = None,
       i += 1
   if img_size is not None and "pos_embed" not in sd:
     p = patch_size or kernel.shape[0]
-    grid = (img_size // p, img_size // p)
+    grid = _grid_of(img_size, p)
     sd["pos_embed"] = F.sincos_pos_embed_2d(kernel.shape[-1], grid)[None]
     if has(("decoder_embed",)):
       dd = get(("decoder_embed", "kernel")).shape[1]

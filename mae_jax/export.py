@@ -32,6 +32,7 @@ from flax import traverse_util
 import numpy as np
 
 from mae_jax.models.layout import is_scanned, scan_to_unrolled
+from mae_jax.models.mae import patch_grid
 
 Params = Dict[str, Any]
 _ENCODER = ("embedding", "cls", "Transformer")
@@ -95,8 +96,7 @@ def to_big_vision(params: Params, num_heads: int, grid: Optional[tuple] = None) 
 def _grid(config) -> Optional[tuple]:
   if config is None:
     return None
-  g = config.model.img_size // config.model.patch_size
-  return (g, g)
+  return patch_grid(config.model.img_size, config.model.patch_size)
 
 
 def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -> Params:

@@ -229,3 +229,24 @@ def test_fine_tuning_configs_refuse_colour_ops_and_three_channel_stats_for_grey(
     finetune.validate_config(ft, device_count=128)
   ft.augment.rand_augment_ops = "geometric"
   finetune.validate_config(ft, device_count=128)
+
+
+def test_non_square_models_convert_and_export_with_their_grid_tables():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mae_jax import convert, export, models  # pylint: disable=g-import-not-at-top,g-multiple-import
+  model = models.MaskedAutoencoder(img_size=(16, 32), patch_size=8, embed_dim=32, depth=1,
+                                   num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                                   decoder_num_heads=2)
+  shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(1)},
+                          jnp.zeros((1, 16, 32, 3)))["params"]
+  params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes)
+  sd = convert.params_to_torch(params, img_size=(16, 32))
+  np.testing.assert_array_equal(sd["pos_embed"][0], models.sincos_pos_embed_2d(32, (2, 4)))
+  np.testing.assert_array_equal(sd["decoder_pos_embed"][0],
+                                models.sincos_pos_embed_2d(16, (2, 4)))
+  config = config_lib.pretrain_config("vit_b")
+  config.model.img_size, config.model.patch_size = (16, 32), 8
+  tree = export.to_big_vision(params, num_heads=2, grid=export._grid(config))
+  np.testing.assert_array_equal(tree["pos_embedding"][0],
+                                models.sincos_pos_embed_2d(32, (2, 4), cls_token=False))
