@@ -1,6 +1,7 @@
 """Model FLOPs of one MAE training step, for TFLOP/s and MFU figures."""
 
 from mae_jax.models.functional import num_kept
+from mae_jax.models.mae import num_patches
 
 
 def timed_mask_ratio(mask_ratio: float, num_patches: int) -> float:
@@ -24,7 +25,7 @@ def train_flops_per_image(model_config, mask_ratio: float) -> float:
   use the same rule within 1%.
   """
   m = model_config
-  patches = (m.img_size // m.patch_size)**2
+  patches = num_patches(m.img_size, m.patch_size)
   patch_dim = m.patch_size**2 * m.in_chans
   t_enc = 1 + num_kept(patches, mask_ratio)
   t_dec = 1 + patches

@@ -65,8 +65,12 @@ def apply_overrides(config: ml_collections.ConfigDict, batch_size: Optional[int]
   if mask_ratio is not None:
     config.model.mask_ratio = mask_ratio
   m = config.model
-  if m.patch_size > 0 and m.img_size % m.patch_size == 0:
-    timed = timed_mask_ratio(m.mask_ratio, (m.img_size // m.patch_size) ** 2)
+  try:
+    patches = models.num_patches(m.img_size, m.patch_size) if m.patch_size > 0 else 0
+  except ValueError:  # reported by the config checks
+    patches = 0
+  if patches:
+    timed = timed_mask_ratio(m.mask_ratio, patches)
     if timed != m.mask_ratio:
       logging.warning("mask ratio %s masks no patch (the loss would be 0/0): timing %.5f, "
                       "one patch masked.", m.mask_ratio, timed)
@@ -148,7 +152,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
                                               fsdp_min_bytes=train.fsdp_min_bytes(config))
   state = train.create_train_state(model, tx, config.seed, abstract_state)
   step_fn = train.jit_train_step(config, model, tx, learning_rate, abstract_state, mesh)
-  shape = (batch, m.img_size, m.img_size, m.in_chans)
+  shape = (batch, *models.image_hw(m.img_size), m.in_chans)
   images = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32),
                    out_shardings=train.batch_sharding(mesh))(jax.random.key(1))
   jax.block_until_ready((state, images))
