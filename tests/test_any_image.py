@@ -212,13 +212,15 @@ def test_rand_augment_keeps_geometric_ops_for_other_channel_counts():
   assert out_one.shape == grey.shape and not np.array_equal(out_one, grey)
   np.testing.assert_array_equal(out_one[..., 0], out_rgb[..., 0])
   pair = np.concatenate([grey, grey]).astype(np.uint8)  # mixup pairs examples up
-  images, targets = A.finetune_augment(key, pair, np.zeros(2, np.int32), 5, ft.augment,
-                                       mean=(0.5,), std=(0.25,))
+  ft.input.mean, ft.input.std = (0.5,), (0.25,)
+  options = A.FinetuneAugment.from_config(ft.augment, ft.input)
+  assert options.mean == (0.5,) and options.rand_augment_ops == "geometric"
+  images, targets = A.finetune_augment(key, pair, np.zeros(2, np.int32), 5, options)
   assert images.shape == pair.shape and targets.shape == (2, 5)
   ft.augment.rand_augment_ops = "all"
   with pytest.raises(ValueError, match="config.model.in_chans=1"):
-    A.finetune_augment(key, pair, np.zeros(2, np.int32), 5, ft.augment, mean=(0.5,),
-                       std=(0.25,))
+    A.finetune_augment(key, pair, np.zeros(2, np.int32), 5,
+                       A.FinetuneAugment.from_config(ft.augment, ft.input))
 
 
 def test_fine_tuning_configs_refuse_colour_ops_and_three_channel_stats_for_grey():
@@ -228,6 +230,7 @@ def test_fine_tuning_configs_refuse_colour_ops_and_three_channel_stats_for_grey(
   with pytest.raises(ValueError, match="rand_augment_ops=geometric"):
     finetune.validate_config(ft, device_count=128)
   ft.augment.rand_augment_ops = "geometric"
+  ft.input.mean, ft.input.std = (0.5,), (0.25,)
   finetune.validate_config(ft, device_count=128)
 
 
