@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from mae_jax import augment
 from mae_jax import checkpoint
 from mae_jax import config_checks
+from mae_jax import loss_scale
 from mae_jax import models
 from mae_jax import optim
 from mae_jax import trainer
@@ -48,6 +49,7 @@ class FinetuneState:
   opt_state: optax.OptState
   batch_stats: Params   # the linear probe's BatchNorm running statistics ({} otherwise)
   rng: jax.Array        # uint32 key data; step s augments and drops paths with fold_in(rng, s)
+  loss_scale: Any = None  # float16 compute: the dynamic loss scale (mae_jax.loss_scale)
 
 
 def create_model(config: ml_collections.ConfigDict) -> VisionTransformer:
@@ -82,7 +84,7 @@ def init_state(model: VisionTransformer, config: ml_collections.ConfigDict,
   return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(trainable(params, config.mode)),
                        batch_stats=variables.get("batch_stats", {}),
-                       rng=jax.random.key_data(rng))
+                       rng=jax.random.key_data(rng), loss_scale=loss_scale.init(model.dtype))
 
 
 def abstract_state(model: VisionTransformer, config: ml_collections.ConfigDict,
@@ -207,21 +209,23 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
     else:
       logits = model.apply({"params": params}, images, train=True,
                            rngs={"dropout": jax.random.fold_in(drop_key, index)})
-    return cross_entropy(logits, targets), batch_stats
+    return loss_scale.scale(state.loss_scale, cross_entropy(logits, targets)), batch_stats
 
   weights = trainable(state.params, mode)
   (loss, batch_stats), grads = trainer.accumulate_gradients(
       jax.value_and_grad(loss_fn, has_aux=True), weights, (images, targets),
       grad_accum_steps, state.batch_stats)
+  loss, grads = loss_scale.unscale(state.loss_scale, loss, grads)
   # As in train.train_step: a non-finite loss or gradient keeps the old state (the official
   # code stops there; trainer.NonFiniteGuard stops or skips).
   weights, opt_state, batch_stats, grad_norm, finite = trainer.update_if_finite(
       tx, loss, grads, state.opt_state, weights, state.batch_stats, batch_stats,
       branch=guard_branch)
   params = {**state.params, **weights}
+  scale, finite = loss_scale.after_update(state.loss_scale, loss, finite)
   metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       batch_stats=batch_stats), metrics
+                       batch_stats=batch_stats, loss_scale=scale), metrics
 
 
 def eval_step(params: Params, batch_stats: Params, images: jax.Array, labels: jax.Array,

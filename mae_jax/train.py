@@ -9,7 +9,7 @@ inside `train_and_evaluate` only, so GPU hosts can run the step, tests and bench
 """
 
 import functools
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.struct
 import jax
@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
+from mae_jax import loss_scale
 from mae_jax import models
 from mae_jax import monitor
 from mae_jax import optim
@@ -45,6 +46,8 @@ class TrainState:
   params: Params
   opt_state: optax.OptState
   rng: jax.Array        # uint32 key data; masking noise of step s uses fold_in(rng, s)
+  # float16 compute: the dynamic loss scale (mae_jax.loss_scale); None otherwise.
+  loss_scale: Any = None
 
 
 # --- optimizer --------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ def init_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransfor
   images = jnp.zeros((1, *models.image_hw(model.img_size), model.in_chans), jnp.float32)
   params = model.init({"params": params_key, "mask": noise_key}, images)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(noise_key))
+                    rng=jax.random.key_data(noise_key), loss_scale=loss_scale.init(model.dtype))
 
 
 def abstract_train_state(model: models.MaskedAutoencoder, tx: optax.GradientTransformation,
@@ -110,20 +113,23 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
     del index
     images, noise = micro
     loss, _, _ = model.apply({"params": params}, images, mask_ratio=mask_ratio, noise=noise)
-    return loss, aux
+    return loss_scale.scale(state.loss_scale, loss), aux
 
   # Every example masks the same number of patches, so the mean of the micro-batch losses (and
   # gradients) is exactly the full batch's.
   (loss, _), grads = trainer.accumulate_gradients(
       jax.value_and_grad(loss_fn, has_aux=True), state.params, (images, noise),
       grad_accum_steps)
+  loss, grads = loss_scale.unscale(state.loss_scale, loss, grads)
   # A non-finite loss or gradient leaves params and optimizer state as they were, so nothing
   # non-finite reaches a checkpoint; the loop then stops or skips (trainer.NonFiniteGuard). The
   # step still advances: the next update takes the next batch.
   params, opt_state, _, grad_norm, finite = update_if_finite(tx, loss, grads, state.opt_state,
                                                              state.params, branch=guard_branch)
+  scale, finite = loss_scale.after_update(state.loss_scale, loss, finite)
   metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       loss_scale=scale), metrics
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: models.MaskedAutoencoder,
