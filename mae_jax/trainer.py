@@ -469,29 +469,34 @@ class Session:
   and the state to start from (the newest checkpoint, else `init()`); `run` loops, `close`
   closes down.
 
-  Opening takes the workdir's lock (checkpoint.WorkdirLock: one run per workdir), then checks
-  before anything else is written: a workdir without checkpoints builds its start state
-  first (`init`, which loads and checks config.init_from or a converted WORKDIR/params), and
-  the workdir itself (disk space, a different model's checkpoints); only then does it write
-  config.json, so that a refused start leaves no config.json or checkpoints/ behind and a
-  refused workdir keeps the config.json of its checkpoints.
+  Opening checks the workdir (writable, disk space), takes its lock (checkpoint.WorkdirLock:
+  one run per workdir), then checks before anything else is written: a workdir without
+  checkpoints builds its start state first (`init`, which loads and checks config.init_from or
+  a converted WORKDIR/params), one with checkpoints is checked for a different model while
+  restoring; only then does it write config.json, so that a refused start leaves no
+  config.json or checkpoints/ behind and a refused workdir keeps the config.json of its
+  checkpoints.
   """
 
   def __init__(self, job: Job, workdir: str, abstract_state: Any, init: Callable[[], Any]):
     config = job.config
     self.job, self.workdir = job, workdir
     self.is_main = jax.process_index() == 0
-    self.lock = checkpoint.WorkdirLock(workdir).acquire()
-    atexit.register(self.lock.release)  # a run that dies of an exception frees the workdir
-    state = None if checkpoint.has_checkpoints(workdir) else init()
     checkpoint.check_workdir(workdir, keep=config.keep_checkpoints, checkpoint_bytes=sum(
         x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
-    self.manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    if state is None:
-      state = checkpoint.restore_latest(self.manager, abstract_state, config)
-    if self.is_main:
-      checkpoint.write_config(workdir, config)
-    self.state = init() if state is None else state
+    self.lock = checkpoint.WorkdirLock(workdir).acquire()
+    atexit.register(self.lock.release)  # a run that dies of an exception frees the workdir
+    try:
+      state = None if checkpoint.has_checkpoints(workdir) else init()
+      self.manager = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+      if state is None:
+        state = checkpoint.restore_latest(self.manager, abstract_state, config)
+      if self.is_main:
+        checkpoint.write_config(workdir, config)
+      self.state = init() if state is None else state
+    except BaseException:
+      self.lock.release()  # a refused start leaves the workdir free (and as it found it)
+      raise
     self.start = int(self.state.step)
     self.writer = writers.MetricWriter(workdir, enabled=self.is_main)
     self._bar = None
