@@ -1,7 +1,7 @@
 """Model FLOPs of one MAE training step, for TFLOP/s and MFU figures."""
 
 from mae_jax.models.functional import num_kept
-from mae_jax.models.mae import num_patches
+from mae_jax.models.vit import num_patches
 
 
 def timed_mask_ratio(mask_ratio: float, num_patches: int) -> float:
