@@ -461,6 +461,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   max_compiles = flags.DEFINE_integer("max_compiles", 6, "Variants to compile at most.",
                                       flag_values=fv)
   argv = list(sys.argv if argv is None else argv)
+  if any(arg in ("-h", "--help", "--helpshort", "--helpfull", "-?") for arg in argv[1:]):
+    print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help())
+    print("\nConfig fields (--config.FIELD=VALUE): docs/configs.md")
+    return 0
   try:
     rest = fv(argv)
     if len(rest) > 1:

@@ -157,3 +157,12 @@ def test_with_libtpu_installed_cpu_runs_start_quietly_on_the_cpu():
                           check=True, env=env, cwd=REPO)
   assert result.stdout.split() == ["cpu", "1"]
   assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_describes_the_command_and_its_flags_and_exits_0(flag):
+  result = subprocess.run([sys.executable, "-m", "mae_jax.plan", flag], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 0, result.stderr
+  for text in ("--topology", "--hbm_gb", "Exit status", "docs/configs.md"):
+    assert text in result.stdout
