@@ -443,7 +443,11 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
 
   errors = config_checks.config_problems(config, device_count=jax.device_count(),
                                          process_count=jax.process_count())
-  errors += input_pipeline.config_problems(config.input)
+  # The input pipeline checks its own fields for every caller; a field already named above is
+  # not reported twice.
+  named = {e.split("=", 1)[0].removeprefix("config.") for e in errors}
+  errors += [e for e in input_pipeline.config_problems(config.input)
+             if e.split("=", 1)[0] not in named]
   source = eval_source = None
   try:
     source = input_pipeline.open_source(config.input)

@@ -141,6 +141,15 @@ def test_main_answers_a_wrong_field_in_a_few_lines(tmp_path, args, expected):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_wrong_input_field_is_named_once(tmp_path):
+  # The trainer's checks and the input pipeline's own both cover input.batch_size.
+  result = _main(tmp_path, f"--config={REPO}/configs/demo.py", "--workdir=run",
+                 "--config.input.batch_size=-1")
+  _assert_short_error(result, "config.input.batch_size=-1")
+  assert result.stderr.count("batch_size=-1") == 1, result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("config,expected", [
     ("configs/no_such.py", "no such config file"),
     ("configs/vit_b.py:L/16", "configs/vit_b.py has no variants"),
