@@ -34,6 +34,7 @@ setup(
         "psutil>=5.9",  # the input benchmark's per-process CPU time (mae_jax.benchmarks)
         "scikit-image",
         "scikit-learn",
+        "tifffile",  # .tif / .tiff bands in image folders (input_pipeline/decode.py)
     ],
     extras_require={
         # Reading official .pth checkpoints.
