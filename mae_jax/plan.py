@@ -289,7 +289,7 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
 def candidates(config: ml_collections.ConfigDict, tpu: Slice) -> Iterator[Dict[str, Any]]:
   """Overrides that trade time for memory, cheapest first: the state sharded over more chips
   (fsdp), then recomputed activations (remat, scan), then micro-batches (grad accumulation)."""
-  m, chips = config.model, tpu.chips
+  chips = tpu.chips
   fsdp = config.mesh.fsdp
   larger_fsdp = [f for f in (2 ** k for k in range(1, 16)) if fsdp < f <= chips]
   seen = []
@@ -312,7 +312,6 @@ def candidates(config: ml_collections.ConfigDict, tpu: Slice) -> Iterator[Dict[s
       continue
     yield from emit({**top, "model.remat": True, "model.scan": True,
                      "optimizer.grad_accum_steps": accum})
-  del m
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -325,12 +324,7 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
-  for field, value in overrides.items():
-    *parents, leaf = field.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
