@@ -255,7 +255,7 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
   abstract_state = train.abstract_train_state(model, tx, config.seed, mesh,
                                               fsdp_min_bytes=train.fsdp_min_bytes(config))
   m = config.model
-  images = jax.ShapeDtypeStruct((config.input.batch_size, m.img_size, m.img_size, m.in_chans),
+  images = jax.ShapeDtypeStruct((config.input.batch_size, *models.image_hw(m.img_size), m.in_chans),
                                 jnp.float32, sharding=train.batch_sharding(mesh))
   step = train.jit_train_step(config, model, tx, learning_rate, abstract_state, mesh)
   state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(abstract_state))
