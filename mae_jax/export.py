@@ -10,6 +10,17 @@ as a converted `mae_pretrain_vit_*.pth`: `ViTMAEModel`), keys in the layout of t
 facebook/vit-mae-* files, which transformers 4.x and 5.x both read; `layer_norm_eps` is MAE's
 1e-6. A fine-tuned classifier has no ViTMAE counterpart and is refused.
 
+A non-square model (img_size (H, W), H != W) goes only part of the way into transformers, whose
+ViTMAE assumes square images beyond its config (checked with transformers 5.24):
+`ViTMAEModel.from_pretrained(DIR2)` keeps the exported (H/p) x (W/p) position table and its
+forward gives mae_jax's encoder output; `ViTMAEForPreTraining` cannot be built unless the
+patch count is a square number (its decoder makes a sqrt(L) x sqrt(L) table at construction),
+where it builds, its `.vit` and `.decoder` give mae_jax's outputs but its forward refuses
+non-square pixel values (`patchify`), and `interpolate_pos_encoding=True` reads the table as a
+square grid: wrong outputs, or an error. The config.json then names `ViTMAEModel`, the decoder
+weights are still written (`mae_jax.convert` reads the directory back whole), and the export
+logs a warning saying this.
+
 The npz (the default format)
 is a flat npz with "a/b/c" keys, the format of big_vision's `load_params`:
 - `embedding/{kernel [p, p, C, D], bias}`, `cls` [1, 1, D];
@@ -28,11 +39,13 @@ MLP uses the tanh approximation of GELU, MAE the exact one.
 
 from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
 from flax import traverse_util
 import numpy as np
 
 from mae_jax.models.layout import is_scanned, scan_to_unrolled
 from mae_jax.models.mae import patch_grid
+from mae_jax.models.vit import image_hw
 
 Params = Dict[str, Any]
 _ENCODER = ("embedding", "cls", "Transformer")
@@ -156,9 +169,35 @@ def load_encoder_params(path: str) -> Params:
   return to_big_vision(params, config.model.num_heads, _grid(config))
 
 
+def transformers_limits(model_config, with_decoder: bool = True) -> Optional[str]:
+  """What transformers' ViTMAE cannot do with this model (see the module docstring), or None
+  for a square one, which it runs whole. `model_config` is a config's `model` field."""
+  h, w = image_hw(model_config.img_size)
+  if h == w:
+    return None
+  rows, cols = patch_grid((h, w), model_config.patch_size)
+  message = (f"img_size ({h}, {w}) is not square: transformers' ViTMAEModel runs this "
+             f"encoder as mae_jax does, but do not pass it interpolate_pos_encoding=True (it "
+             f"reads the {rows}x{cols} position table as a square grid: wrong outputs or an "
+             f"error)")
+  if not with_decoder:
+    return message + "."
+  side = int(round((rows * cols)**0.5))
+  if side * side != rows * cols:
+    pretraining = (f"cannot be built for a {rows}x{cols} patch grid ({rows * cols} patches, not "
+                   f"a square number)")
+  else:
+    pretraining = ("builds, and its .vit and .decoder give mae_jax's outputs, but its forward "
+                   "(loss, patchify) refuses non-square pixel values")
+  return (f"{message}. ViTMAEForPreTraining {pretraining}: compute reconstructions and the "
+          f"loss with mae_jax. The decoder's weights are written for mae_jax.convert.")
+
+
 def to_transformers(params: Params, config) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
   """(state dict, config.json fields) of transformers' ViTMAEForPreTraining for MAE params
-  with a decoder, ViTMAEModel for encoder-only ones. ValueError for a classifier."""
+  with a decoder, ViTMAEModel for encoder-only ones or a non-square img_size (whose limits in
+  transformers this logs as a warning: `transformers_limits`). State dict: numpy float32
+  arrays under the facebook/vit-mae-* keys. ValueError for a classifier."""
   from mae_jax import convert  # pylint: disable=g-import-not-at-top
   if "head" in params:
     raise ValueError("transformers' ViTMAE has no classifier: export a fine-tuned workdir with "
@@ -167,12 +206,17 @@ def to_transformers(params: Params, config) -> Tuple[Dict[str, np.ndarray], Dict
   sd = convert.transformers_from_official(convert.params_to_torch(
       params, img_size=m.img_size, patch_size=m.patch_size))
   full = "decoder_embed" in params
+  limits = transformers_limits(m, with_decoder=full)
+  if limits:
+    logging.warning("Export to transformers: %s", limits)
+  h, w = image_hw(m.img_size)
   hf_config = dict(
-      architectures=["ViTMAEForPreTraining" if full else "ViTMAEModel"], model_type="vit_mae",
+      architectures=["ViTMAEForPreTraining" if full and not limits else "ViTMAEModel"],
+      model_type="vit_mae",
       hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
       intermediate_size=int(m.embed_dim * m.mlp_ratio), hidden_act="gelu",
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
-      layer_norm_eps=1e-6, image_size=m.img_size, patch_size=m.patch_size,
+      layer_norm_eps=1e-6, image_size=h if h == w else [h, w], patch_size=m.patch_size,
       num_channels=m.in_chans, qkv_bias=True, decoder_num_attention_heads=m.decoder_num_heads,
       decoder_hidden_size=m.decoder_embed_dim, decoder_num_hidden_layers=m.decoder_depth,
       decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),

@@ -2,6 +2,7 @@
 ViTMAEForPreTraining with random weights, mapped into the official key layout and converted with
 `params_from_torch`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import transformers
 
 from mae_jax import checkpoint, config_lib, convert, export
 from mae_jax.convert import official_from_transformers, params_from_torch, params_to_torch
-from mae_jax.models import MaskedAutoencoder, from_config, sincos_pos_embed_2d
+from mae_jax.models import MaskedAutoencoder, from_config, image_hw, sincos_pos_embed_2d
 from torch_tools import official_state_dict as _official_state_dict
 from torch_tools import vitmae as _hf_model
 
@@ -102,21 +103,30 @@ def test_params_to_torch_round_trips_and_loads_strictly():
 
 def _encode(model, params, images, noise):
   """mae_jax's latent in float32."""
-  return model.clone(dtype=jnp.float32).apply({"params": params}, images, mask_ratio=0.75,
-                                              noise=noise, method=MaskedAutoencoder.encode)[0]
+  return jax.jit(lambda p, x, n: model.clone(dtype=jnp.float32).apply(
+      {"params": p}, x, mask_ratio=0.75, noise=n, method=MaskedAutoencoder.encode)[0])(
+          params, images, noise)
 
 
 def _outputs(model, params, images, noise):
-  """(loss, pred, mask, latent) of mae_jax in float32."""
-  loss, pred, mask = model.clone(dtype=jnp.float32).apply({"params": params}, images,
-                                                          mask_ratio=0.75, noise=noise)
-  return loss, pred, mask, _encode(model, params, images, noise)
+  """(loss, pred, mask, latent) of mae_jax in float32, in one compiled call (op by op, the
+  two passes took 7 s on this machine's busy CPUs)."""
+  model = model.clone(dtype=jnp.float32)
+
+  def outputs(p, x, n):
+    loss, pred, mask = model.apply({"params": p}, x, mask_ratio=0.75, noise=n)
+    latent = model.apply({"params": p}, x, mask_ratio=0.75, noise=n,
+                         method=MaskedAutoencoder.encode)[0]
+    return loss, pred, mask, latent
+
+  return jax.jit(outputs)(params, images, noise)
 
 
 def _inputs(img, patch, seed=5):
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(2, img, img, 3)).astype(np.float32)
-  return images, rng.uniform(size=(2, (img // patch)**2)).astype(np.float32)
+  h, w = image_hw(img)
+  images = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+  return images, rng.uniform(size=(2, (h // patch) * (w // patch))).astype(np.float32)
 
 
 def _torch(images, noise):
@@ -162,8 +172,9 @@ def test_transformers_checkpoints_convert_with_their_own_config(tmp_path, form):
   np.testing.assert_allclose(latent, enc.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def _mae_workdir(path, shape, encoder_only=False):
+def _mae_workdir(path, shape, encoder_only=False, img_size=None):
   img, patch, width, depth, heads, dwidth, ddepth, dheads = SHAPES[shape]
+  img = img_size or img
   config = config_lib.pretrain_config("vit_b")
   config.model = config_lib.model_config(
       "vit_b", img_size=img, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
@@ -171,7 +182,7 @@ def _mae_workdir(path, shape, encoder_only=False):
       norm_pix_loss=True, dtype="float32")
   model = from_config(config.model)
   shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(0)},
-                          jnp.zeros((1, img, img, 3)))["params"]
+                          jnp.zeros((1, *image_hw(img), 3)))["params"]
   rng = np.random.default_rng(7)
   params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
   if encoder_only:
@@ -219,3 +230,50 @@ def test_encoder_only_workdir_exports_a_vitmae_model(tmp_path):
   with torch.no_grad():
     got = hf(*_torch(images, noise))
   np.testing.assert_allclose(latent, got.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("img_size", [(16, 64), (32, 16)])
+def test_non_square_export_gives_mae_jax_outputs_where_transformers_runs_it(tmp_path, caplog,
+                                                                            img_size):
+  # (16, 64) at patch 8: a 2x8 grid, 16 patches, so transformers can build ViTMAEForPreTraining;
+  # (32, 16): 4x2, 8 patches, for which it cannot (its decoder makes a square table).
+  model, params = _mae_workdir(tmp_path / "workdir", "two_heads", img_size=img_size)
+  out = tmp_path / "hf"
+  with caplog.at_level("WARNING"):
+    sd = export.export_transformers(str(tmp_path / "workdir"), str(out))
+  assert f"img_size {img_size} is not square" in caplog.text
+  assert "interpolate_pos_encoding=True" in caplog.text
+  hf_config = json.loads((out / "config.json").read_text())
+  assert hf_config["image_size"] == list(img_size)
+  assert hf_config["architectures"] == ["ViTMAEModel"]
+  images, noise = _inputs(img_size, model.patch_size, seed=10)
+  loss, pred, mask, latent = _outputs(model, params, images, noise)
+  encoder = transformers.ViTMAEModel.from_pretrained(out, attn_implementation="eager").eval()
+  # The exported (not a re-made square) table is the one in use.
+  np.testing.assert_array_equal(encoder.embeddings.position_embeddings.detach().numpy(),
+                                sd["vit.embeddings.position_embeddings"])
+  with torch.no_grad():
+    got = encoder(*_torch(images, noise))
+  np.testing.assert_allclose(latent, got.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(mask), got.mask.numpy())
+  if img_size == (32, 16):
+    assert "cannot be built for a 4x2 patch grid" in caplog.text
+    with pytest.raises(RuntimeError):
+      transformers.ViTMAEForPreTraining.from_pretrained(out)
+  else:
+    assert "ViTMAEForPreTraining builds" in caplog.text
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(out, attn_implementation="eager").eval()
+    np.testing.assert_array_equal(hf.decoder.decoder_pos_embed.detach().numpy(),
+                                  sd["decoder.decoder_pos_embed"])
+    with torch.no_grad():
+      enc = hf.vit(*_torch(images, noise))
+      logits = hf.decoder(enc.last_hidden_state, enc.ids_restore).logits
+      np.testing.assert_allclose(latent, enc.last_hidden_state.numpy(), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(pred, logits.numpy(), rtol=1e-5, atol=1e-5)
+      with pytest.raises(ValueError, match="squared size"):  # what the warning says
+        hf(*_torch(images, noise))
+  # mae_jax.convert reads the whole model back, decoder included.
+  state_dict, hf_config = convert.load_checkpoint(str(out))
+  back, _, config = convert.checked_conversion(state_dict, hf_config=hf_config)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  assert tuple(config.model.img_size) == img_size
