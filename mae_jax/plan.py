@@ -243,9 +243,12 @@ class Compiled:
 _OOM = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]i?)B?\s+of\s+([\d.]+)([KMGT]i?)B?\s+hbm")
 
 
-def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
-  """Compiles the trainer's jitted step (`train.jit_train_step`) of `config` for the slice."""
-  devices = tpu.devices()
+def step_arguments(config: ml_collections.ConfigDict, devices: Sequence[Any]
+                   ) -> Tuple[Any, Any, jax.ShapeDtypeStruct]:
+  """(the trainer's jitted step `train.jit_train_step`, its abstract train state, the abstract
+  image batch) of `config` over `devices`, nothing allocated: the batch is float32
+  [batch_size, H, W, in_chans] (H, W from `models.image_hw` of img_size), sharded as the
+  trainer shards it."""
   mesh = train.make_mesh(config, devices=devices)
   model = models.from_config(config.model)
   # As in the benchmark: the schedule's values change no shape, one "epoch" a step keeps every
@@ -255,9 +258,15 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
   abstract_state = train.abstract_train_state(model, tx, config.seed, mesh,
                                               fsdp_min_bytes=train.fsdp_min_bytes(config))
   m = config.model
-  images = jax.ShapeDtypeStruct((config.input.batch_size, *models.image_hw(m.img_size), m.in_chans),
-                                jnp.float32, sharding=train.batch_sharding(mesh))
+  images = jax.ShapeDtypeStruct((config.input.batch_size, *models.image_hw(m.img_size),
+                                 m.in_chans), jnp.float32, sharding=train.batch_sharding(mesh))
   step = train.jit_train_step(config, model, tx, learning_rate, abstract_state, mesh)
+  return step, abstract_state, images
+
+
+def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
+  """Compiles the trainer's jitted step (`train.jit_train_step`) of `config` for the slice."""
+  step, abstract_state, images = step_arguments(config, tpu.devices())
   state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(abstract_state))
   memory = {"state": state_bytes, "batch": _shard_bytes(images)}
   start = time.perf_counter()
@@ -352,8 +361,9 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
       f"({tpu.generation.device_kind}) on {tpu.hosts} host(s); "
       f"{hbm / GB:.4g} GB HBM and {tpu.generation.bf16_tflops:g} bf16 TFLOP/s per chip")
   m = config.model
+  height, width = models.image_hw(m.img_size)
   log(f"compiling mae_jax.train.jit_train_step: ViT {m.embed_dim}x{m.depth} /{m.patch_size} "
-      f"at {m.img_size}px, batch {config.input.batch_size}, dtype {m.dtype}, mesh data="
+      f"at {height}x{width} px, batch {config.input.batch_size}, dtype {m.dtype}, mesh data="
       f"{config.mesh.data} fsdp={config.mesh.fsdp}, remat={m.remat} scan={m.scan}, "
       f"grad_accum_steps={config.optimizer.grad_accum_steps} ...")
   result = compile_step(config, tpu)

@@ -8,9 +8,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from mae_jax import plan
+from mae_jax import config_lib, plan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -68,6 +70,23 @@ def test_collectives_are_counted_with_their_bytes():
   assert plan.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 2048},
                                    "all-reduce": {"count": 1, "bytes": 64 * 64 * 2 + 4},
                                    "reduce-scatter": {"count": 1, "bytes": 64}}
+
+
+def test_the_step_s_batch_of_a_non_square_config_is_b_h_w_c_and_the_step_takes_it():
+  # The abstract arguments the plan compiles, here over the CPU (no libtpu): a (H, W) img_size
+  # gives a [B, H, W, C] batch, which the trainer's step traces with (lowered, not compiled).
+  config = config_lib.pretrain_config("vit_b")
+  config.model = config_lib.model_config(
+      "vit_b", img_size=(16, 32), patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+  config.input.update(batch_size=4, mean=(0.5,), std=(0.25,))
+  config = plan._tpu_config(config)  # pylint: disable=protected-access
+  plan.train.validate_config(config, device_count=4, process_count=1)
+  step, state, images = plan.step_arguments(config, jax.devices()[:1])
+  assert images.shape == (4, 16, 32, 1) and images.dtype == np.float32
+  assert state.params["embedding"]["kernel"].shape == (8, 8, 1, 32)
+  lowered = step.lower(state, images)
+  assert "4x16x32x1xf32" in lowered.as_text()
 
 
 # --- compiled with libtpu -------------------------------------------------------------------
