@@ -1,13 +1,14 @@
 """The one check of a config, for every job: pretraining, fine-tuning and linear probing.
 
 `validate_config` looks at the config alone (every field, what the devices and processes need);
-`check_run` adds what must agree with the data (its channels, its classes, the schedule's length
-against the data's size, an evaluation split). Both report every wrong field at once, each with
-its fix, before anything is compiled or written. The fields are documented in docs/configs.md.
+`data_problems` adds what must agree with the data (its classes, the schedule's length against
+the data's size, the channels of each split's first file); `mae_jax.trainer.prepare` runs both
+for every job. Every wrong field is reported at once, each with its fix, before anything is
+compiled or written. The fields are documented in docs/configs.md.
 """
 
 import math
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 import ml_collections
 
@@ -260,14 +261,26 @@ def _classifier_problems(config: ml_collections.ConfigDict) -> List[str]:
 
 
 def data_problems(config: ml_collections.ConfigDict, *, num_examples: int,
-                  num_classes: Optional[int], eval_classes: Optional[int] = -1) -> List[str]:
-  """What must agree between `config` and its data: the classes, the schedule's warmup.
+                  num_classes: Optional[int], eval_classes: Optional[int] = -1,
+                  sources: Sequence[Any] = ()) -> List[str]:
+  """What must agree between `config` and its data: the classes, the schedule's warmup, the
+  channels (config.model.in_chans) of the first readable file of each of `sources` (the
+  first that does not fit is reported).
 
   `num_classes`: the training split's (None: unlabeled); `eval_classes`: the evaluation
-  split's, for the classifier jobs (-1: not known).
+  split's, for the classifier jobs (-1: not known); `sources`: the opened splits
+  (input_pipeline.Source), whose first file is read here (one decode each; the later files are
+  checked as the input pipeline reads them).
   """
   m = config.model
   errors = []
+  if _is_int(m.in_chans) and m.in_chans >= 1:
+    from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # no TensorFlow
+    for source in sources:  # one file that does not fit is enough to say what to change
+      mismatch = input_pipeline.first_file_mismatch(source, m.in_chans)
+      if mismatch:
+        errors.append(f"input.dataset={config.input.dataset!r}: {mismatch}.")
+        break
   if config.mode in CLASSIFIER_JOBS:
     if num_classes is None:
       errors.append(f"input.dataset={config.input.dataset!r} has no labels; {config.mode} "

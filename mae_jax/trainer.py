@@ -435,7 +435,8 @@ class Job:
 
 def prepare(config: ml_collections.ConfigDict) -> Job:
   """The setup every job starts with: the one check of the config (config_checks) together with
-  the input's and what must agree with the data (its classes, the warmup against its size),
+  the input's and what must agree with the data (its classes, the warmup against its size,
+  the channels of its first file),
   raising one config_checks.ConfigError that lists every wrong field; then the data's size, the
   schedule and the mesh. Each dataset split is opened here, once per run. Nothing is compiled
   or written yet."""
@@ -458,7 +459,8 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
   if source is not None:
     errors += config_checks.data_problems(
         config, num_examples=len(source), num_classes=source.num_classes,
-        eval_classes=-1 if eval_source is None else eval_source.num_classes)
+        eval_classes=-1 if eval_source is None else eval_source.num_classes,
+        sources=[s for s in (source, eval_source) if s is not None])
   if errors:
     raise config_checks.ConfigError(errors)
   steps_per_epoch = max(1, len(source) // config.input.batch_size)

@@ -119,14 +119,48 @@ def test_a_file_that_does_not_fit_stops_the_input_naming_it(npy_folder, tmp_path
     (tmp_path / name).write_bytes((npy_folder / name).read_bytes())
   np.save(tmp_path / "2.npy", _bands(30, 30, 0)[..., :3])
   c = _input(tmp_path, mean=(0.0,) * 4, std=(1.0,) * 4, batch_size=3)
+  assert ip.first_file_mismatch(ip.open_source(c), 4) == ""  # the early check reads 0.npy
   with pytest.raises(decode.DatasetMismatch, match=r"2.npy has 3 channels, but "
-                     r"config.model.in_chans=4"):
+                     r"config.model.in_chans=4: .* set --config.model.in_chans=3"):
     next(ip.create_iterator(c, image_size=16, seed=0, train=False, channels=4, split="train"))
   (tmp_path / "2.npy").unlink()
   np.save(tmp_path / "2.npy", _bands(30, 30, 0, np.uint8))
   with pytest.raises(decode.DatasetMismatch, match=r"2.npy decodes to uint8 values where the "
                      r"dataset's first file gave float32"):
     next(ip.create_iterator(c, image_size=16, seed=0, train=False, channels=4, split="train"))
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_a_folder_whose_files_do_not_fit_in_chans_fails_before_the_workdir_is_written(
+    npy_folder, grey_folder, tmp_path, in_chans):
+  # 4-band .npy files for the default 3 channels; colour pictures for a grayscale model. Before,
+  # config.json, checkpoints/ and tensorboard/ were written and the first batch failed.
+  from mae_jax import config_checks, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if in_chans == 1:  # grayscale files after a colour one
+    (tmp_path / "data").mkdir()
+    for path in grey_folder.glob("*/*"):
+      (tmp_path / "data" / f"grey_{path.name}").write_bytes(path.read_bytes())
+    Image.fromarray(_photo(30, 20, 0)).save(tmp_path / "data" / "colour.png")
+  folder, first = (npy_folder, "0.npy") if in_chans == 3 else (tmp_path / "data", "colour.png")
+  config = config_lib.pretrain_config("vit_b")
+  config.model = config_lib.model_config("vit_b", img_size=16, patch_size=8, in_chans=in_chans,
+                                         embed_dim=32, depth=1, num_heads=2,
+                                         decoder_embed_dim=16, decoder_depth=1,
+                                         decoder_num_heads=2)
+  config.input = _input(folder, **({"mean": (0.5,), "std": (0.25,)} if in_chans == 1 else {}))
+  config.total_steps, config.warmup_steps = 2, 1
+  workdir = tmp_path / "run"
+  with pytest.raises(config_checks.ConfigError) as e:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(e.value)
+  want = ([f"{first} has 4 channels, but config.model.in_chans=3",
+           "set --config.model.in_chans=4, with 4 values in input.mean and input.std"]
+          if in_chans == 3 else
+          [f"{first} is a colour image (RGB), but config.model.in_chans=1",
+           "set --config.model.in_chans=3 if the data is colour"])
+  for text in [f"input.dataset='folder:{folder}'", *want]:
+    assert text in message, message
+  assert not workdir.exists()
 
 
 def test_mixed_channel_counts_in_an_image_folder_stop_with_the_file(grey_folder, tmp_path):

@@ -76,10 +76,11 @@ def test_every_wrong_field_of_a_finetuning_config_is_listed_at_once(tmp_path):
       "checkpoint_every_steps": 0, "warmup_steps": 10, "input.crop_scale": (0.5, 0.2)})
   with pytest.raises(config_checks.ConfigError) as e:
     finetune.train_and_evaluate(config, str(tmp_path / "run"))
-  assert len(e.value.problems) == 6, e.value.problems
+  assert len(e.value.problems) == 7, e.value.problems
+  # The digits are RGB pictures: the first file read for in_chans=1 is named too.
   for field in ("model.in_chans=1", "model.num_classes=5", "config.log_every_steps=0",
                 "config.checkpoint_every_steps=0", "input.crop_scale=(0.5, 0.2)",
-                "shorten the warmup"):
+                "shorten the warmup", "is a colour image (RGB), but config.model.in_chans=1"):
     assert field in str(e.value), str(e.value)
   assert not (tmp_path / "run").exists()
 

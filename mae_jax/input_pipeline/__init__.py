@@ -38,7 +38,7 @@ from mae_jax.input_pipeline.sources import (FOLDER_PREFIX, SHIPPED, FolderSource
                                             TfdsSource, default_eval_split, open_source)
 
 __all__ = [
-    "validate", "config_problems", "open_source", "default_eval_split", "open_eval_source",
+    "validate", "config_problems", "first_file_mismatch", "open_source", "default_eval_split", "open_eval_source",
     "num_examples", "num_classes", "create_iterator", "to_global", "Source", "FolderSource",
     "TfdsSource", "Sampler", "BatchMaker", "DecodedCache", "decode_and_crop",
     "random_resized_crop_box", "read_pixels", "normalize", "file_issue_counts",
@@ -80,6 +80,23 @@ def _pixel_dtype(source: Source, channels: int) -> str:
       except DECODE_ERRORS:
         continue  # skipped when it is read, like any unreadable file
   return "uint8"
+
+
+def first_file_mismatch(source: Source, channels: int, tries: int = 4) -> str:
+  """Whether the first readable file of `source` fits a model of `channels` channels, read as
+  the batches read it (`read_pixels`): its DatasetMismatch message naming the file and the fix,
+  or "" when it fits or none of the first `tries` files reads (an unreadable file is skipped
+  when read). One file decoded: a check that can run before anything is written; the files
+  after it are checked as they are read."""
+  for index in range(min(tries, len(source))):
+    try:
+      read_pixels(source.read(index)[0], source.describe(index), channels)
+    except DatasetMismatch as e:
+      return str(e)
+    except DECODE_ERRORS:
+      continue
+    return ""
+  return ""
 
 
 def config_problems(input_config: ml_collections.ConfigDict, channels: int | None = None

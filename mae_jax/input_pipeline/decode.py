@@ -125,11 +125,13 @@ def check_channels(pixels: np.ndarray, channels: int, where: str) -> np.ndarray:
   """`pixels` [h, w, C], or DatasetMismatch naming the file when C is not `channels`."""
   c = pixels.shape[-1]
   if c != channels:
-    hint = (f" (stored bands first, as {pixels.shape[0]} x ...? write it as H x W x C)"
-            if pixels.shape[0] == channels else "")
+    fix = (f"stored bands first, as {pixels.shape[0]} x ...? write it as H x W x C"
+           if pixels.shape[0] == channels else
+           f"set --config.model.in_chans={c}, with {c} values in input.mean and input.std, if "
+           f"the data has {c}; else give this file {channels}")
     raise DatasetMismatch(
-        f"{where} has {c} channel{'s' * (c != 1)}{hint}, but config.model.in_chans={channels}: "
-        f"every file of a dataset needs the model's channel count")
+        f"{where} has {c} channel{'s' * (c != 1)}, but config.model.in_chans={channels}: "
+        f"every file of a dataset needs the model's channel count; {fix}")
   return pixels
 
 
@@ -218,8 +220,10 @@ def picture_pixels(image: Image.Image, channels: int, where: str) -> np.ndarray:
     raise DatasetMismatch(
         f"{where} is a {'grayscale' if grey else 'colour'} image ({mode}), but "
         f"config.model.in_chans={channels}: every file of a dataset needs the model's channel "
-        f"count" + ("; other counts than 1 and 3 come from .npy or .tif files"
-                    if channels not in (1, 3) else ""))
+        f"count; set --config.model.in_chans={1 if grey else 3} if the data is "
+        f"{'grayscale' if grey else 'colour'}" + (
+            ", else convert the file to grayscale" if channels == 1 else
+            " (other counts than 1 and 3 come from .npy or .tif files)"))
   if mode.startswith("I;16"):
     # 16-bit grayscale: keep the top 8 bits (PIL's convert would clip at 255).
     if channels == 3:
