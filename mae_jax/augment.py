@@ -9,6 +9,13 @@ sees the same augmentations. RandAugment's ops follow PIL's arithmetic (the affi
 bicubic, a = -1, with the ImageNet-mean fill) up to float32 rounding; each op is a pure
 function of one image, tested against PIL.
 
+Other data (README, "Any image"): the colour ops are defined on 8-bit RGB only, so for other
+channel counts and for float bands (.npy / .tif of non-uint8 values) only the geometric ops
+run (`config.augment.rand_augment_ops="geometric"`, else refused); on float bands they
+interpolate as PIL does a float ("F") image, values neither clipped nor rounded, filling with
+`input.mean` in the data's units, and normalization does not divide by 255, as in the input
+pipeline.
+
 On a sharded global batch the mixing partner is the flipped global batch and one lambda serves
 the whole global batch (the official code mixes each GPU's own batch with its own lambda).
 """
@@ -25,8 +32,11 @@ import numpy as np
 from mae_jax.config_lib import IMAGENET_MEAN, IMAGENET_STD
 
 
-def fill_colour(mean) -> Tuple[int, ...]:
-  """timm's fill of the corners of rotated/sheared/translated images: the mean colour."""
+def fill_colour(mean, uint8: bool = True) -> Tuple[float, ...]:
+  """timm's fill of the corners of rotated/sheared/translated images: the mean colour, in uint8
+  levels (input.mean is on [0, 1]), or for float bands (uint8=False) the mean as it is."""
+  if not uint8:
+    return tuple(float(m) for m in mean)
   return tuple(min(255, round(255 * m)) for m in mean)
 
 
@@ -140,11 +150,13 @@ def rotate_matrix(degrees: jax.Array, height: int, width: int) -> jax.Array:
                     -sin, cos, -sin * -cx + cos * -cy + cy])
 
 
-def affine(img: jax.Array, matrix: jax.Array, fill=FILL) -> jax.Array:
+def affine(img: jax.Array, matrix: jax.Array, fill=FILL, uint8: bool = True) -> jax.Array:
   """PIL Image.transform(AFFINE, matrix, BICUBIC, fillcolor=fill) of one image.
 
   Output pixel (x, y) samples the input at (a (x + .5) + b (y + .5) + c, d (..) + e (..) + f)
   with PIL's cubic (a = -1) on clamped neighbours; samples outside the image take `fill`.
+  uint8 levels are clipped to [0, 255] and truncated as PIL does for 8-bit images; with
+  uint8=False (float bands, PIL's "F" images) the values stay as interpolated.
   """
   h, w, _ = img.shape
   ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
@@ -161,7 +173,9 @@ def affine(img: jax.Array, matrix: jax.Array, fill=FILL) -> jax.Array:
   cols = [jnp.clip(x0 + k, 0, w - 1).astype(jnp.int32) for k in (-1, 0, 1, 2)]
   rows = [jnp.clip(y0 + k, 0, h - 1).astype(jnp.int32) for k in (-1, 0, 1, 2)]
   across = [cubic(*(img[r, cc] for cc in cols), dx) for r in rows]
-  out = jnp.floor(jnp.clip(cubic(*across, dy), 0, 255))
+  out = cubic(*across, dy)
+  if uint8:
+    out = jnp.floor(jnp.clip(out, 0, 255))
   return jnp.where(inside[..., None], out, jnp.asarray(fill, img.dtype))
 
 
@@ -174,15 +188,20 @@ class RandAugmentPolicy:
   increasing: bool = True
   prob: float = 0.5
   ops: Tuple[str, ...] = OPS  # drawn uniformly; timm's are all of OPS
-  fill: Tuple[int, ...] = FILL  # the affine ops' fill, per channel
+  fill: Tuple[float, ...] = FILL  # the affine ops' fill, per channel
+  uint8: bool = True  # uint8 levels; False: float bands (geometric ops only, values unclipped)
 
 
-def parse_rand_augment(spec: str, ops: str = "all", fill: Tuple[int, ...] = FILL
-                       ) -> RandAugmentPolicy:
+def parse_rand_augment(spec: str, ops: str = "all", fill: Tuple[float, ...] = FILL,
+                       uint8: bool = True) -> RandAugmentPolicy:
   """timm's config string, e.g. "rand-m9-mstd0.5-inc1" (keys m, n, mstd, inc), drawing from
-  OP_SETS[ops], with the affine ops filling with `fill`."""
+  OP_SETS[ops], with the affine ops filling with `fill`; uint8=False for float bands, which
+  take the geometric ops only (ValueError otherwise)."""
   if ops not in OP_SETS:
     raise ValueError(f"augment.rand_augment_ops={ops!r} is not one of {tuple(OP_SETS)}")
+  if not uint8 and ops != "geometric":
+    raise ValueError(f"augment.rand_augment_ops={ops!r}: float bands take the geometric ops "
+                     f"only (rand_augment_ops='geometric')")
   parts = spec.split("-")
   if parts[0] != "rand":
     raise ValueError(f"augment.rand_augment must look like 'rand-m9-mstd0.5-inc1', got {spec!r}")
@@ -197,7 +216,7 @@ def parse_rand_augment(spec: str, ops: str = "all", fill: Tuple[int, ...] = FILL
                            magnitude_std=fields.get("mstd", 0.0),
                            num_layers=int(fields.get("n", 2)),
                            increasing=bool(fields.get("inc", 0)), ops=OP_SETS[ops],
-                           fill=tuple(fill))
+                           fill=tuple(fill), uint8=uint8)
 
 
 def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
@@ -252,12 +271,13 @@ def _rand_augment_layer(img: jax.Array, u: jax.Array, z: jax.Array,
                   "TranslateYRel": 4}
   is_affine = jnp.asarray([name in affine_index for name in ops] + [False])[op]
   matrix = matrices[jnp.asarray([affine_index.get(n, 0) for n in ops] + [0])[op]]
-  return jnp.where(is_affine, affine(img, matrix, policy.fill), img)
+  return jnp.where(is_affine, affine(img, matrix, policy.fill, policy.uint8), img)
 
 
 def rand_augment(key: jax.Array, images: jax.Array,
                  policy: RandAugmentPolicy = RandAugmentPolicy()) -> jax.Array:
-  """RandAugment on a batch [B, H, W, 3] of uint8 values (as float32), per-image randomness."""
+  """RandAugment on a batch [B, H, W, C] of uint8 values (as float32; C = 3 for the colour
+  ops), or of float bands for a `policy` with uint8=False; per-image randomness."""
 
   b, layers = images.shape[0], policy.num_layers
   k_u, k_z = jax.random.split(key)
@@ -382,10 +402,12 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_class
 
 # ---------------------------------------------------------------------------------------------
 
-def from_pixels(pixels: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
-  """uint8 levels -> float32 images normalized per channel (ToTensor + Normalize)."""
+def from_pixels(pixels: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                levels: float = 255.0) -> jax.Array:
+  """uint8 levels -> float32 images normalized per channel (ToTensor + Normalize); levels=1
+  for float bands, normalized as they are (the input pipeline's `normalize`)."""
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+  return (pixels.astype(jnp.float32) / levels - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,40 +437,50 @@ class FinetuneAugment:
     return cls(**fields)
 
 
-def rand_augment_problem(augment_config, channels: int) -> str:
+def rand_augment_problem(augment_config, channels: int, dtype: str = "uint8",
+                         data: str = "") -> str:
   """Why `augment_config` (config.augment or a FinetuneAugment) cannot augment
-  `channels`-channel images ("" if it can)."""
+  `channels`-channel images of `dtype` values ("uint8": 8-bit levels, as pictures decode;
+  "float32": float bands) ("" if it can). `data` says where the values come from, for the
+  message."""
   ops = getattr(augment_config, "rand_augment_ops", "all")
-  if not augment_config.rand_augment or channels == 3 or ops == "geometric":
+  if not augment_config.rand_augment or ops == "geometric":
+    return ""
+  if channels == 3 and dtype == "uint8":
     return ""
   colour = ", ".join(op for op in OP_SETS.get(ops, OPS) if op not in GEOMETRIC_OPS)
+  what = (f"config.model.in_chans={channels}" if channels != 3 else
+          f"{data or 'the data'} decodes to {dtype} values, not 8-bit levels")
   return (f"config.augment.rand_augment={augment_config.rand_augment!r} draws colour "
-          f"operations ({colour}) that are defined on RGB images, and "
-          f"config.model.in_chans={channels}: set --config.augment.rand_augment_ops=geometric "
-          f"(rotate, shear, translate only) or --config.augment.rand_augment=''.")
+          f"operations ({colour}) that are defined on 8-bit RGB images, and {what}: set "
+          f"--config.augment.rand_augment_ops=geometric (rotate, shear, translate only) or "
+          f"--config.augment.rand_augment=''.")
 
 
 def finetune_augment(key: jax.Array, pixels: jax.Array, labels: jax.Array, num_classes: int,
                      augment_config: FinetuneAugment) -> Tuple[jax.Array, jax.Array]:
   """RandAugment -> normalize -> random erasing -> mixup/cutmix with label smoothing.
 
-  `pixels`: the crops as uint8 values [B, H, W, C] (the input pipeline with normalize=False);
+  `pixels`: the crops [B, H, W, C] as the input pipeline gives them with normalize=False:
+  uint8 values, or float32 for float bands (normalized as they are, not divided by 255);
   `augment_config`: a FinetuneAugment (or `config.augment`, normalizing with ImageNet's mean
   and std). Returns (normalized images, soft targets [B, K]). A stage set to zero/empty is
   skipped; label smoothing then still applies to the one-hot targets. Raises ValueError for
-  RandAugment's colour ops on other than 3 channels (`rand_augment_problem`).
+  RandAugment's colour ops on other than 3 channels or on float bands (`rand_augment_problem`).
   """
   k_ra, k_re, k_mix = jax.random.split(key, 3)
   c = augment_config
   mean, std = getattr(c, "mean", IMAGENET_MEAN), getattr(c, "std", IMAGENET_STD)
-  problem = rand_augment_problem(c, pixels.shape[-1])
+  uint8 = pixels.dtype == jnp.uint8
+  problem = rand_augment_problem(c, pixels.shape[-1], "uint8" if uint8 else pixels.dtype.name)
   if problem:
     raise ValueError(problem)
   pixels = pixels.astype(jnp.float32)
   if c.rand_augment:
     pixels = rand_augment(k_ra, pixels, parse_rand_augment(
-        c.rand_augment, getattr(c, "rand_augment_ops", "all"), fill_colour(mean)))
-  images = from_pixels(pixels, mean, std)
+        c.rand_augment, getattr(c, "rand_augment_ops", "all"), fill_colour(mean, uint8),
+        uint8))
+  images = from_pixels(pixels, mean, std, 255.0 if uint8 else 1.0)
   if c.reprob > 0:
     images = random_erasing(k_re, images, c.reprob)
   if c.mixup > 0 or c.cutmix > 0:

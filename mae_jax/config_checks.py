@@ -265,7 +265,7 @@ def data_problems(config: ml_collections.ConfigDict, *, num_examples: int,
                   sources: Sequence[Any] = ()) -> List[str]:
   """What must agree between `config` and its data: the classes, the schedule's warmup, the
   channels (config.model.in_chans) of the first readable file of each of `sources` (the
-  first that does not fit is reported).
+  first that does not fit is reported), RandAugment's colour ops against float bands.
 
   `num_classes`: the training split's (None: unlabeled); `eval_classes`: the evaluation
   split's, for the classifier jobs (-1: not known); `sources`: the opened splits
@@ -274,13 +274,27 @@ def data_problems(config: ml_collections.ConfigDict, *, num_examples: int,
   """
   m = config.model
   errors = []
-  if _is_int(m.in_chans) and m.in_chans >= 1:
-    from mae_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # no TensorFlow
+  if _is_int(m.in_chans) and m.in_chans >= 1 and sources:
+    from mae_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top,g-multiple-import
     for source in sources:  # one file that does not fit is enough to say what to change
       mismatch = input_pipeline.first_file_mismatch(source, m.in_chans)
       if mismatch:
         errors.append(f"input.dataset={config.input.dataset!r}: {mismatch}.")
         break
+    # RandAugment's colour ops on float bands (a wrong channel count is named by
+    # config_problems); the data's kind of values is read only when it matters.
+    a = config.get("augment")
+    if (not errors and config.mode == "finetune" and a is not None and
+        not augment.rand_augment_problem(a, m.in_chans) and
+        augment.rand_augment_problem(a, m.in_chans, "float32")):
+      data = f"input.dataset={config.input.dataset!r}"
+      try:
+        problem = augment.rand_augment_problem(
+            a, m.in_chans, input_pipeline.pixel_dtype(sources[0], m.in_chans), data=data)
+      except input_pipeline.DatasetMismatch as e:  # its first array file, after pictures
+        problem = f"{data}: {e}."
+      if problem:
+        errors.append(problem)
   if config.mode in CLASSIFIER_JOBS:
     if num_classes is None:
       errors.append(f"input.dataset={config.input.dataset!r} has no labels; {config.mode} "

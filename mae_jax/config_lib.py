@@ -173,7 +173,7 @@ def finetune_config(size: str) -> ml_collections.ConfigDict:
   c.input.batch_size = 1024
   c.augment = ml_collections.ConfigDict(dict(
       rand_augment="rand-m9-mstd0.5-inc1",  # timm RandAugment string ("" = off)
-      rand_augment_ops="all",   # "geometric": rotate/shear/translate only (non-RGB channels)
+      rand_augment_ops="all",   # "geometric": rotate/shear/translate only (not RGB, float)
       reprob=0.25,              # random erasing probability (mode "pixel")
       mixup=0.8, cutmix=1.0,    # Beta alphas (0 = off)
       mixup_prob=1.0, mixup_switch_prob=0.5,

@@ -257,6 +257,68 @@ def test_rand_augment_keeps_geometric_ops_for_other_channel_counts():
                        A.FinetuneAugment.from_config(ft.augment, ft.input))
 
 
+def test_rand_augment_on_float_bands_moves_values_unclipped_and_refuses_colour_ops():
+  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax import augment as A  # pylint: disable=g-import-not-at-top
+  ft = config_lib.finetune_config("vit_b")
+  problem = A.rand_augment_problem(ft.augment, 3, "float32", data="input.dataset='folder:x'")
+  assert "input.dataset='folder:x' decodes to float32 values, not 8-bit levels" in problem
+  assert "--config.augment.rand_augment_ops=geometric" in problem
+  with pytest.raises(ValueError, match="float bands take the geometric ops only"):
+    A.parse_rand_augment("rand-m9-mstd0.5-inc1", "all", (0.0,), uint8=False)
+  # Reflectance-like bands (40x the grey levels, up to 10200): the geometric ops move them as
+  # they move 8-bit levels, without clipping them at 255 or rounding them.
+  grey = _photo(20, 16, 1).mean(-1, keepdims=True).round().astype(np.float32)[None]
+  spec, key = "rand-m9-mstd0.5-inc1", jax.random.key(3)
+  levels = np.asarray(A.rand_augment(key, grey, A.parse_rand_augment(spec, "geometric", (124,))))
+  bands = np.asarray(A.rand_augment(key, grey * 40, A.parse_rand_augment(
+      spec, "geometric", A.fill_colour((124 * 40,), uint8=False), uint8=False)))
+  assert not np.array_equal(levels, grey) and bands.max() > 255
+  assert (bands != np.round(bands)).any()
+  np.testing.assert_allclose(np.floor(np.clip(bands / 40, 0, 255)), levels, atol=1)
+  assert (np.abs(np.floor(np.clip(bands / 40, 0, 255)) - levels) > 0).mean() < 0.01
+  # The whole fine-tuning augmentation: float bands are normalized as they are (no / 255), and
+  # the colour ops refused on them.
+  ft.input.mean, ft.input.std = (5000.0, 4000.0, 3000.0), (2000.0, 2500.0, 1500.0)
+  ft.augment.update(rand_augment="", reprob=0.0, mixup=0.0, cutmix=0.0)
+  pixels = np.repeat(np.concatenate([grey, grey]) * 40, 3, axis=-1)  # 3 float bands
+  images, _ = A.finetune_augment(key, pixels, np.zeros(2, np.int32), 5,
+                                 A.FinetuneAugment.from_config(ft.augment, ft.input))
+  np.testing.assert_allclose(images, (pixels - ft.input.mean) / np.asarray(ft.input.std),
+                             rtol=1e-6)
+  ft.augment.rand_augment = spec
+  with pytest.raises(ValueError, match="decodes to float32 values"):
+    A.finetune_augment(key, pixels, np.zeros(2, np.int32), 5,
+                       A.FinetuneAugment.from_config(ft.augment, ft.input))
+
+
+def test_fine_tuning_on_float_bands_refuses_colour_ops_before_the_workdir_is_written(tmp_path):
+  from mae_jax import config_checks, finetune  # pylint: disable=g-import-not-at-top,g-multiple-import
+  for split in ("train", "val"):
+    for label in ("a", "b"):
+      (tmp_path / "data" / split / label).mkdir(parents=True)
+      for i in range(2):
+        np.save(tmp_path / "data" / split / label / f"{i}.npy",
+                _bands(24, 20, i, np.float32)[..., :3])
+  config = config_lib.finetune_config("vit_b")
+  config.model = config_lib.classifier_model_config(
+      "vit_b", num_classes=2, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+  config.init_from = ""
+  config.input = _input(tmp_path / "data", mean=(5000.0,) * 3, std=(2000.0,) * 3)
+  config.eval_batch_size, config.total_steps, config.warmup_steps = 4, 2, 1
+  workdir = tmp_path / "run"
+  with pytest.raises(config_checks.ConfigError) as e:  # the default rand-m9-mstd0.5-inc1
+    finetune.train_and_evaluate(config, str(workdir))
+  assert len(e.value.problems) == 1, e.value.problems
+  assert (f"input.dataset='folder:{tmp_path / 'data'}' decodes to float32 values, not 8-bit "
+          f"levels: set --config.augment.rand_augment_ops=geometric") in str(e.value)
+  assert not workdir.exists()
+  config.augment.rand_augment_ops = "geometric"
+  config_checks.validate_config(config, device_count=1, process_count=1)
+  assert config_checks.data_problems(config, num_examples=8, num_classes=2, eval_classes=2,
+                                     sources=[ip.open_source(config.input)]) == []
+
+
 def test_fine_tuning_configs_refuse_colour_ops_and_three_channel_stats_for_grey():
   from mae_jax import finetune  # pylint: disable=g-import-not-at-top
   ft = config_lib.finetune_config("vit_b")

@@ -145,6 +145,23 @@ def test_affine_ops_equal_pil_bicubic_with_mean_fill(photo):
                   pil.transform(pil.size, Image.AFFINE, m, **kw))
 
 
+def test_affine_ops_on_float_bands_equal_pil_float_images():
+  # Bands in their own units (reflectance up to 10000): PIL's "F" images, neither clipped nor
+  # rounded, the corners at a fill in the same units.
+  bands = np.random.default_rng(1).uniform(0, 10000, (24, 32)).astype(np.float32)
+  pil, x = Image.fromarray(bands, "F"), jnp.asarray(bands[..., None])
+  kw = dict(resample=Image.BICUBIC, fillcolor=4000.0)
+  fill = A.fill_colour((4000.0,), uint8=False)
+  for degrees in (13.0, -27.0):
+    np.testing.assert_allclose(
+        A.affine(x, A.rotate_matrix(jnp.asarray(degrees), 24, 32), fill, uint8=False)[..., 0],
+        pil.rotate(degrees, **kw), atol=0.05)
+  for m in ((1, 0.2, 0, 0, 1, 0), (1, 0, 0, -0.27, 1, 0), (1, 0, 9.6, 0, 1, 0)):
+    out = A.affine(x, jnp.asarray(m, jnp.float32), fill, uint8=False)[..., 0]
+    np.testing.assert_allclose(out, pil.transform(pil.size, Image.AFFINE, m, **kw), atol=0.05)
+  assert float(out.max()) > 255 and float(out.min()) < 0  # bicubic overshoot, kept
+
+
 def test_rand_augment_policy_string_and_batches():
   assert A.parse_rand_augment("rand-m9-mstd0.5-inc1") == A.RandAugmentPolicy(
       magnitude=9.0, magnitude_std=0.5, num_layers=2, increasing=True)

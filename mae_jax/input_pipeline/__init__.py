@@ -38,7 +38,7 @@ from mae_jax.input_pipeline.sources import (FOLDER_PREFIX, SHIPPED, FolderSource
                                             TfdsSource, default_eval_split, open_source)
 
 __all__ = [
-    "validate", "config_problems", "first_file_mismatch", "open_source", "default_eval_split", "open_eval_source",
+    "validate", "config_problems", "first_file_mismatch", "pixel_dtype", "open_source", "default_eval_split", "open_eval_source",
     "num_examples", "num_classes", "create_iterator", "to_global", "Source", "FolderSource",
     "TfdsSource", "Sampler", "BatchMaker", "DecodedCache", "decode_and_crop",
     "random_resized_crop_box", "read_pixels", "normalize", "file_issue_counts",
@@ -68,7 +68,7 @@ def check_normalization(input_config: ml_collections.ConfigDict, channels: int) 
     raise ValueError(f"input.std={std} must be > 0 for every channel.")
 
 
-def _pixel_dtype(source: Source, channels: int) -> str:
+def pixel_dtype(source: Source, channels: int) -> str:
   """What the dataset's files decode to: "uint8", or "float32" when its first readable array
   file (.npy, .tif) holds other values. Each file is checked against it as it is read."""
   for index in range(len(source) if isinstance(source, FolderSource) else 0):
@@ -207,7 +207,7 @@ def create_iterator(input_config: ml_collections.ConfigDict, *,
       eval_crop_pct=c.get("eval_crop_pct", 0.875), random_flip=c.get("random_flip", True),
       decoded_cache_bytes=c.get("decoded_cache_mb", 0) << 20, channels=channels,
       mean=tuple(c.get("mean", IMAGENET_MEAN)), std=tuple(c.get("std", IMAGENET_STD)),
-      pixel_dtype=_pixel_dtype(source, channels))
+      pixel_dtype=pixel_dtype(source, channels))
   steps = itertools.count(start_step) if train else iter(range(start_step,
                                                                -(-n // c.batch_size)))
   count = _num_workers(c.num_workers)
