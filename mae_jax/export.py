@@ -11,15 +11,16 @@ facebook/vit-mae-* files, which transformers 4.x and 5.x both read; `layer_norm_
 1e-6. A fine-tuned classifier has no ViTMAE counterpart and is refused.
 
 A non-square model (img_size (H, W), H != W) goes only part of the way into transformers, whose
-ViTMAE assumes square images beyond its config (checked with transformers 5.24):
+ViTMAE assumes square images beyond its config (checked with transformers 5.24 and 4.46):
 `ViTMAEModel.from_pretrained(DIR2)` keeps the exported (H/p) x (W/p) position table and its
 forward gives mae_jax's encoder output; `ViTMAEForPreTraining` cannot be built unless the
-patch count is a square number (its decoder makes a sqrt(L) x sqrt(L) table at construction),
-where it builds, its `.vit` and `.decoder` give mae_jax's outputs but its forward refuses
-non-square pixel values (`patchify`), and `interpolate_pos_encoding=True` reads the table as a
-square grid: wrong outputs, or an error. The config.json then names `ViTMAEModel`, the decoder
-weights are still written (`mae_jax.convert` reads the directory back whole), and the export
-logs a warning saying this.
+patch count is a square number (its decoder makes a sqrt(L) x sqrt(L) table at construction;
+transformers 4 does so for ViTMAEModel's table too); where it builds, its `.vit` and
+`.decoder` give mae_jax's outputs but its forward refuses non-square pixel values
+(`patchify`), and `interpolate_pos_encoding=True` reads the table as a square grid: wrong
+outputs, or an error. The config.json then names `ViTMAEModel`, the decoder weights are still
+written (`mae_jax.convert` reads the directory back whole), and the export logs a warning
+saying this (`transformers_limits`).
 
 The npz (the default format)
 is a flat npz with "a/b/c" keys, the format of big_vision's `load_params`:
@@ -176,21 +177,25 @@ def transformers_limits(model_config, with_decoder: bool = True) -> Optional[str
   if h == w:
     return None
   rows, cols = patch_grid((h, w), model_config.patch_size)
-  message = (f"img_size ({h}, {w}) is not square: transformers' ViTMAEModel runs this "
-             f"encoder as mae_jax does, but do not pass it interpolate_pos_encoding=True (it "
-             f"reads the {rows}x{cols} position table as a square grid: wrong outputs or an "
-             f"error)")
-  if not with_decoder:
-    return message + "."
   side = int(round((rows * cols)**0.5))
-  if side * side != rows * cols:
-    pretraining = (f"cannot be built for a {rows}x{cols} patch grid ({rows * cols} patches, not "
-                   f"a square number)")
+  message = (f"img_size ({h}, {w}) is not square, and transformers' ViTMAE assumes square "
+             f"images beyond its config. ")
+  if side * side == rows * cols:
+    message += "Its ViTMAEModel runs this encoder as mae_jax does"
+    if with_decoder:
+      message += ("; ViTMAEForPreTraining builds, and its .vit and .decoder give mae_jax's "
+                  "outputs, but its forward (loss, patchify) refuses non-square pixel values")
   else:
-    pretraining = ("builds, and its .vit and .decoder give mae_jax's outputs, but its forward "
-                   "(loss, patchify) refuses non-square pixel values")
-  return (f"{message}. ViTMAEForPreTraining {pretraining}: compute reconstructions and the "
-          f"loss with mae_jax. The decoder's weights are written for mae_jax.convert.")
+    refused = ("ViTMAEForPreTraining (and, in transformers 4, ViTMAEModel too) cannot be built"
+               if with_decoder else "transformers 4 cannot build it")
+    message += (f"transformers 5's ViTMAEModel runs this encoder as mae_jax does, but {refused} "
+                f"for a {rows}x{cols} patch grid ({rows * cols} patches, not a square number)")
+  message += (". Do not pass interpolate_pos_encoding=True: it reads the position table as "
+              "a square grid (wrong outputs, or an error).")
+  if with_decoder:
+    message += (" Compute reconstructions and the loss with mae_jax; the decoder's weights are "
+                "written for mae_jax.convert.")
+  return message
 
 
 def to_transformers(params: Params, config) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
