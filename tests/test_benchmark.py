@@ -179,3 +179,20 @@ def test_cpu_ops_times_every_kind_of_operation_on_both_sides(capsys):
   assert all(r["mae_jax_ms"] > 0 and r["torch_ms"] > 0 for r in result["rows"])
   assert result["total"]["mae_jax"] == pytest.approx(sum(r["mae_jax_ms"]
                                                          for r in result["rows"]))
+
+
+def test_cpu_all_times_an_xla_flag_variant_beside_the_default_in_each_round():
+  from mae_jax.benchmarks import cpu_all  # pylint: disable=g-import-not-at-top
+  runs = {r["name"]: r for r in cpu_all.plan(4, 2, 1, variant_xla_flags="--xla_foo=1")}
+  for ratio in cpu_all.RATIOS:
+    default, variant = runs[f"ours_vit_b_mask{ratio}"], runs[f"ours_flags_vit_b_mask{ratio}"]
+    assert variant["cmd"] == default["cmd"] and variant["xla_flags"] == "--xla_foo=1"
+    assert default.get("xla_flags", "") == ""
+  assert not any(name.startswith("ours_flags") for name in
+                 (r["name"] for r in cpu_all.plan(4, 2, 1)))
+  rows = [dict(name=f"{impl}_vit_b_mask{ratio}", status="ok", step_s=step, img_per_s=4 / step,
+               tflops=0.1) for impl, ratio, step in
+          [("ours", 0.75, 2.0), ("ours_flags", 0.75, 1.0), ("ours", 0.0, 5.0),
+           ("ours_flags", 0.0, 2.5)]]
+  table = cpu_all.markdown(rows, 4)
+  assert "- ours: 2.50" in table and "- ours_flags: 2.50" in table

@@ -26,15 +26,22 @@ from mae_jax.benchmarks.flops import timed_mask_ratio, train_flops_per_image
 RATIOS = (0.75, 0.0)
 
 
-def plan(batch: int, steps: int, warmup: int,
-         mae_repo: Optional[str] = None) -> List[Dict[str, Any]]:
-  """The runs of one round: name, implementation, mask ratio and command."""
+def plan(batch: int, steps: int, warmup: int, mae_repo: Optional[str] = None,
+         variant_xla_flags: str = "") -> List[Dict[str, Any]]:
+  """The runs of one round: name, implementation, mask ratio, command and the XLA_FLAGS added.
+
+  With `variant_xla_flags`, mae_jax's ViT-B runs are repeated with those flags added (runs
+  named ours_flags_...), so that a compiler setting is timed beside the default in one round.
+  """
   runs = []
   for ratio in RATIOS:
-    runs.append(dict(name=f"ours_vit_b_mask{ratio}", impl="mae_jax", mask_ratio=ratio,
-                     cmd=["-m", "mae_jax.benchmark", "--config=configs/vit_b.py",
-                          f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}",
-                          f"--mask_ratio={ratio}", "--config.model.dtype=float32"]))
+    ours = ["-m", "mae_jax.benchmark", "--config=configs/vit_b.py", f"--batch_size={batch}",
+            f"--steps={steps}", f"--warmup={warmup}", f"--mask_ratio={ratio}",
+            "--config.model.dtype=float32"]
+    runs.append(dict(name=f"ours_vit_b_mask{ratio}", impl="mae_jax", mask_ratio=ratio, cmd=ours))
+    if variant_xla_flags:
+      runs.append(dict(name=f"ours_flags_vit_b_mask{ratio}", impl="mae_jax", mask_ratio=ratio,
+                       cmd=ours, xla_flags=variant_xla_flags))
     runs.append(dict(name=f"torch_vit_b_mask{ratio}", impl="torch", mask_ratio=ratio,
                      cmd=["-m", "mae_jax.benchmarks.torch_reference", "--size=vit_b",
                           f"--batch_size={batch}", f"--steps={steps}", f"--warmup={warmup}",
@@ -79,16 +86,17 @@ def markdown(rows: List[Dict[str, Any]], batch: int) -> str:
   lines.append("")
   lines.append(f"ViT-B/16 batch {batch}, step time at mask ratio 0.0 (timed with one patch "
                f"masked, so that the loss is defined) over 0.75 (FLOP ratio {flop_ratio:.2f}):")
-  for impl in ("ours", "torch", "official"):
+  for impl in ("ours", "ours_flags", "torch", "official"):
     a, b = top.get(f"{impl}_vit_b_mask0.0"), top.get(f"{impl}_vit_b_mask0.75")
     if a and b:
       lines.append(f"- {impl}: {a['step_s'] / b['step_s']:.2f}")
   for ratio in RATIOS:
-    for other in ("torch", "official"):
-      a, b = top.get(f"ours_vit_b_mask{ratio}"), top.get(f"{other}_vit_b_mask{ratio}")
-      if a and b:
-        lines.append(f"- ours / {other} images/s at {ratio}: "
-                     f"{a['img_per_s'] / b['img_per_s']:.2f}")
+    for ours in ("ours", "ours_flags"):
+      for other in ("torch", "official"):
+        a, b = top.get(f"{ours}_vit_b_mask{ratio}"), top.get(f"{other}_vit_b_mask{ratio}")
+        if a and b:
+          lines.append(f"- {ours} / {other} images/s at {ratio}: "
+                       f"{a['img_per_s'] / b['img_per_s']:.2f}")
   return "\n".join(lines) + "\n"
 
 
@@ -108,6 +116,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                       help="Comma-separated CPU ids every run is pinned to (default: all). One "
                            "core each keeps a comparison fair on a machine that others load: "
                            "no thread of either side then waits on a descheduled sibling.")
+  parser.add_argument("--variant_xla_flags", default="",
+                      help="XLA_FLAGS for a second set of mae_jax ViT-B runs (ours_flags_...), "
+                           "timed in the same rounds as the default.")
   args = parser.parse_args(argv)
   if args.mae_repo and (problem := official.repo_problem(args.mae_repo)):
     parser.error(problem)
@@ -118,12 +129,14 @@ def main(argv: Optional[List[str]] = None) -> None:
   with open(os.path.join(args.out, "results.jsonl"), "a") as results, \
        open(os.path.join(args.out, "cpu_all.log"), "a") as log:
     for round_index in range(args.rounds):
-      for run in plan(args.batch_size, args.steps, args.warmup, args.mae_repo or None):
+      for run in plan(args.batch_size, args.steps, args.warmup, args.mae_repo or None,
+                      args.variant_xla_flags):
         if only and run["name"] not in only:
           continue
         load = os.getloadavg()[0]
-        result = runner.run_python(run["cmd"], "", args.run_cap_s, log, cpus)
-        row = {**result, "name": run["name"], "impl": run["impl"],
+        flags = run.get("xla_flags", "")
+        result = runner.run_python(run["cmd"], flags, args.run_cap_s, log, cpus)
+        row = {**result, "name": run["name"], "impl": run["impl"], "xla_flags_added": flags,
                "mask_ratio": run["mask_ratio"], "round": round_index,
                "load_avg_1min_before": load, "cpus": sorted(cpus) or "all"}
         rows.append(row)
