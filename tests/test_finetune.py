@@ -50,7 +50,10 @@ def _setup(config):
   shapes = jax.eval_shape(functools.partial(finetune.init_state, model, config,
                                             finetune.optax.identity())).params
   tx = finetune.create_optimizer(config, finetune.trainable(shapes, config.mode), lr)
-  state = jax.jit(functools.partial(finetune.init_state, model, config, tx))()
+  # Committed to the device like every later state (a step's output, a restored checkpoint), so
+  # the step compiles once rather than once for uncommitted and once for committed arguments.
+  state = jax.device_put(jax.jit(functools.partial(finetune.init_state, model, config, tx))(),
+                         jax.devices()[0])
   step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, learning_rate=lr,
                                    **finetune.step_options(config)))
   return model, tx, state, step
@@ -109,16 +112,7 @@ def test_finetune_resumes_exactly_from_a_checkpoint(tmp_path):
 
 
 def _pretraining_workdir(path) -> str:
-  pre = config_lib.pretrain_config("vit_b")
-  pre.model = config_lib.model_config("vit_b", img_size=16, patch_size=4, embed_dim=32, depth=1,
-                                      num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-                                      decoder_num_heads=2, dtype="float32")
-  shapes = jax.eval_shape(from_config(pre.model).init, {"params": jax.random.key(0),
-                                                        "mask": jax.random.key(0)},
-                          jnp.zeros((1, 16, 16, 3)))["params"]
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
-  checkpoint.save_params(str(path), params, pre)
+  _pretrained_workdir(path)
   return str(path)
 
 
@@ -158,21 +152,34 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
 # --- config.init_from ------------------------------------------------------------------------------
 
 def _pretrained_workdir(path, **model):
-  """A pretraining workdir (params/ + config.json) of a tiny MAE, `model` overriding TINY."""
+  """A pretraining workdir (params/ + config.json) of a tiny MAE, `model` overriding TINY.
+
+  Its params are random draws of the model's shapes: only shapes and values are checked, so
+  nothing compiles the model's init here.
+  """
   config = config_lib.pretrain_config("vit_b")
   fields = {k: v for k, v in TINY.items() if k != "num_classes"}
   config.model = config_lib.model_config("vit_b", decoder_embed_dim=16, decoder_depth=1,
                                          decoder_num_heads=2, **{**fields, **model})
-  mae = from_config(config.model)
   size = config.model.img_size
-  params = jax.jit(lambda: mae.init({"params": jax.random.key(3), "mask": jax.random.key(4)},
-                                    jnp.zeros((1, size, size, 3)))["params"])()
+  shapes = jax.eval_shape(from_config(config.model).init,
+                          {"params": jax.random.key(3), "mask": jax.random.key(4)},
+                          jnp.zeros((1, size, size, 3)))["params"]
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
   checkpoint.save_params(str(path), params, config)
-  return jax.device_get(params)
+  return params
+
+
+@functools.lru_cache(maxsize=None)
+def _fresh_state(mode: str):
+  """A fresh state of `mode`'s tiny classifier, built once: init_from and init_partial, all the
+  starts below vary, do not enter init_state."""
+  return _setup(_config(mode))[2]
 
 
 def _start(config):
-  model, _, state, _ = _setup(config)
+  state = _fresh_state(config.mode)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state)
   return finetune.start_params(config, state.params, target.params, state.batch_stats)
@@ -214,7 +221,7 @@ def test_an_exported_npz_and_a_probe_with_its_statistics_serve_as_init_from(tmp_
       pretrained["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
   # A converted linear probe: its head comes with its BatchNorm statistics.
   probe = _config("linprobe")
-  model, _, state, _ = _setup(probe)
+  state = _fresh_state("linprobe")
   stats = {"head_norm": {"mean": np.full((32,), 0.5, np.float32),
                          "var": np.full((32,), 2.0, np.float32)}}
   checkpoint.save_params(str(tmp_path / "probe"), jax.device_get(state.params), probe,
