@@ -4,7 +4,6 @@ import io
 
 import numpy as np
 from PIL import Image
-import sklearn.datasets
 import tensorflow_datasets as tfds
 
 SIZE = 32           # stored image side; the input pipeline resizes to the model's img_size
@@ -38,6 +37,9 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The digits come with scikit-learn.
+    # Imported here, on the one build: importing scikit-learn (and the SciPy it loads) takes
+    # seconds, which every run that registers the shipped datasets would pay otherwise.
+    import sklearn.datasets  # pylint: disable=g-import-not-at-top
     digits = sklearn.datasets.load_digits()
     index = np.arange(len(digits.target))
     test = index % TEST_EVERY == 0
