@@ -1,5 +1,6 @@
 """Exact tests of the MAE pieces and of the model's invariants."""
 
+import functools
 import math
 
 import jax
@@ -25,6 +26,17 @@ def _count(tree):
 def _init(model, batch=2):
   images = jnp.zeros((batch, *image_hw(model.img_size), model.in_chans))
   return model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, images)["params"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_params(overrides):
+  return jax.jit(lambda: _init(MaskedAutoencoder(**dict(TINY, **dict(overrides)))))()
+
+
+def _params(**overrides):
+  """`_init` of MaskedAutoencoder(**TINY, **overrides), compiled as one program and built once
+  per model for the tests that share it (the params do not depend on the batch size)."""
+  return _cached_params(tuple(sorted(overrides.items())))
 
 
 @pytest.mark.parametrize("size,total,encoder", [
@@ -87,23 +99,25 @@ def test_masking_is_per_example_and_consistent_with_ids_restore():
 
 
 def test_model_masks_differ_across_the_batch_without_noise():
-  model = MaskedAutoencoder(**TINY)
-  params = _init(model)
+  apply = jax.jit(MaskedAutoencoder(**TINY).apply)
+  params = _params()
   images = jnp.ones((8, 32, 32, 3))
-  _, _, mask = model.apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
+  _, _, mask = apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
   assert len({tuple(np.asarray(m)) for m in mask}) > 1
-  _, _, mask2 = model.apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
+  _, _, mask2 = apply({"params": params}, images, rngs={"mask": jax.random.key(3)})
   np.testing.assert_array_equal(mask, mask2)
 
 
 def test_encoder_sees_only_visible_tokens_plus_cls():
   model = MaskedAutoencoder(**TINY)
-  params = _init(model)
+  params = _params()
   images = jnp.ones((3, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(0), (3, 16))
   for ratio, keep in [(0.75, 4), (0.5, 8), (0.0, 16)]:
-    latent, mask, _ = model.apply({"params": params}, images, mask_ratio=ratio, noise=noise,
-                                  method=MaskedAutoencoder.encode)
+    # Shapes only: traced, not run.
+    latent, mask, _ = jax.eval_shape(functools.partial(
+        model.apply, mask_ratio=ratio, method=MaskedAutoencoder.encode),
+        {"params": params}, images, noise=noise)
     assert latent.shape == (3, 1 + keep, 64)
     assert mask.shape == (3, 16)
   # The encoder's attention never runs over L tokens: trace its input shapes.
@@ -115,8 +129,9 @@ def test_encoder_sees_only_visible_tokens_plus_cls():
     return next_fun(*args, **kwargs)
 
   import flax.linen as nn
-  with nn.intercept_methods(record):
-    model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
+  with nn.intercept_methods(record):  # the shapes are those of tracing: nothing needs to run
+    jax.eval_shape(functools.partial(model.apply, mask_ratio=0.75), {"params": params}, images,
+                   noise=noise)
   encoder = [t for path, t in seen if path[0] == "Transformer"]
   decoder = [t for path, t in seen if path[0] == "Decoder"]
   assert encoder == [1 + 4] * 2 and decoder == [1 + 16] * 2
@@ -124,10 +139,10 @@ def test_encoder_sees_only_visible_tokens_plus_cls():
 
 def test_loss_gradient_is_zero_on_visible_patches():
   model = MaskedAutoencoder(**TINY)
-  params = _init(model)
+  params = _params()
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (2, 16))
-  _, pred, mask = model.apply({"params": params}, images, noise=noise)
+  _, pred, mask = jax.jit(model.apply)({"params": params}, images, noise=noise)
   from mae_jax.models import mae_loss
   grad = jax.grad(lambda p: mae_loss(images, p, mask, 8, True))(pred)
   per_patch = np.abs(np.asarray(grad)).sum(-1)
@@ -150,17 +165,18 @@ def test_norm_pix_uses_unbiased_variance_and_unnormalize_inverts_it():
 def test_scan_remat_matches_unrolled_loss_and_gradients():
   unrolled = MaskedAutoencoder(**TINY)
   scanned = MaskedAutoencoder(**TINY, scan=True, remat=True)
-  params = _init(unrolled)
+  params = _params()
   scan_params = unrolled_to_scan(params)
-  assert jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, _init(scanned))
+  assert (jax.tree.map(jnp.shape, scan_params)
+          == jax.tree.map(jnp.shape, jax.eval_shape(lambda: _init(scanned))))
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (2, 16))
 
   def loss_fn(model):
     return lambda p: model.apply({"params": p}, images, noise=noise)[0]
 
-  l1, g1 = jax.value_and_grad(loss_fn(unrolled))(params)
-  l2, g2 = jax.value_and_grad(loss_fn(scanned))(scan_params)
+  l1, g1 = jax.jit(jax.value_and_grad(loss_fn(unrolled)))(params)
+  l2, g2 = jax.jit(jax.value_and_grad(loss_fn(scanned)))(scan_params)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g1,
                scan_to_unrolled(g2))
@@ -168,20 +184,19 @@ def test_scan_remat_matches_unrolled_loss_and_gradients():
 
 
 def test_bfloat16_compute_stays_close_to_float32():
-  params = _init(MaskedAutoencoder(**TINY))
+  params = _params()
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (4, 16))
-  l32, p32, _ = MaskedAutoencoder(**TINY).apply({"params": params}, images, noise=noise)
-  l16, p16, _ = MaskedAutoencoder(**TINY, dtype=jnp.bfloat16).apply({"params": params}, images,
-                                                                    noise=noise)
+  l32, p32, _ = jax.jit(MaskedAutoencoder(**TINY).apply)({"params": params}, images, noise=noise)
+  l16, p16, _ = jax.jit(MaskedAutoencoder(**TINY, dtype=jnp.bfloat16).apply)(
+      {"params": params}, images, noise=noise)
   assert p16.dtype == jnp.float32 and l16.dtype == jnp.float32
   assert abs(float(l16) - float(l32)) / float(l32) < 1e-2
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
 
 
 def test_init_follows_official_distributions():
-  model = MaskedAutoencoder(**dict(TINY, embed_dim=256, num_heads=4))
-  params = _init(model)
+  params = _params(embed_dim=256, num_heads=4)
   block = params["Transformer"]["encoderblock_0"]
   attn = block["MultiHeadDotProductAttention_0"]
   # qkv is one Linear(d, 3d) officially: xavier bound sqrt(6 / (d + 3d)).
@@ -207,7 +222,7 @@ def test_init_follows_official_distributions():
 ])
 def test_bad_inputs_are_refused_with_a_clear_message(kwargs, shape, message):
   model = MaskedAutoencoder(**TINY)
-  params = _init(model)
+  params = _params()
   with pytest.raises(ValueError, match=message):
     model.apply({"params": params}, jnp.zeros(shape), noise=jnp.zeros((1, 16)), **kwargs)
 
@@ -264,23 +279,33 @@ def test_patch_size_must_divide_both_sides():
 def test_non_square_model_embeds_patches_row_major_with_the_hw_table():
   # Zero patch-embedding weights: the encoder's input is then cls + the position table, in
   # the order of the visible patches, which must be the official row-major (row, col) order.
-  model = MaskedAutoencoder(**dict(TINY, img_size=(16, 40), depth=1, decoder_depth=1))
+  model = MaskedAutoencoder(**dict(TINY, img_size=(16, 40)))
   grid = (2, 5)
   assert patch_grid(model.img_size, model.patch_size) == grid
-  params = _init(model)
+  # The position tables are fixed, not params: the square model's params fit this one.
+  params = _params()
+  assert (jax.tree.map(jnp.shape, params)
+          == jax.tree.map(jnp.shape, jax.eval_shape(lambda: _init(model))))
   params = dict(params, embedding=jax.tree.map(jnp.zeros_like, params["embedding"]))
   images = jax.random.normal(jax.random.key(0), (2, 16, 40, 3))
   noise = jnp.tile(jnp.linspace(0.0, 0.9, 10)[None], (2, 1))  # keeps patches 0..4 in order
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    if context.module.__class__.__name__ == "Transformer" and context.module.name == "Transformer":
-      seen.append(args[0])
-    return next_fun(*args, **kwargs)
-
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  with nn.intercept_methods(record):
-    loss, pred, mask = model.apply({"params": params}, images, mask_ratio=0.5, noise=noise)
+
+  @jax.jit
+  def apply_seeing_the_encoder_input(params, images, noise):
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+      if (context.module.__class__.__name__ == "Transformer"
+          and context.module.name == "Transformer"):
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      outputs = model.apply({"params": params}, images, mask_ratio=0.5, noise=noise)
+    return outputs, seen
+
+  (loss, pred, mask), seen = apply_seeing_the_encoder_input(params, images, noise)
   table = sincos_pos_embed_2d(64, grid)
   np.testing.assert_allclose(seen[0][0, 1:], table[1:6], atol=1e-6)
   np.testing.assert_allclose(seen[0][0, 0], np.asarray(params["cls"])[0, 0], atol=1e-6)
