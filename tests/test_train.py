@@ -243,7 +243,8 @@ def test_nonfinite_guard_setting_picks_the_branch_and_changes_no_number(tiny):
   results = {}
   for guard in ("cond", "select"):
     state = fresh()
-    for batch in (_images(), jnp.full((8, 16, 16, 3), jnp.nan), _images(seed=1)):
+    # float32, not a weakly typed full(): another argument type would compile the step again.
+    for batch in (_images(), jnp.full((8, 16, 16, 3), jnp.nan, jnp.float32), _images(seed=1)):
       state, metrics = steps[guard](state, batch)
     results[guard] = (state, metrics)
   (a, ma), (b, mb) = results["cond"], results["select"]
