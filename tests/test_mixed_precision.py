@@ -155,6 +155,9 @@ def test_float16_step_scales_skips_overflow_and_backs_off():
   # A scale that overflows float16's gradients: the update is skipped, the scale halves, and
   # the step is not a failure (the loss is finite).
   huge = {"scale": jnp.float32(2.0**120), "growth_tracker": jnp.int32(5)}
+  # Placed as the step's own scale is, so that the step runs the program it compiled above.
+  huge = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), huge,
+                      state.loss_scale)
   before = jax.tree.map(np.asarray, state.replace(loss_scale=huge))
   state, metrics = step(state.replace(loss_scale=huge), images)
   assert float(metrics["nonfinite"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
@@ -163,7 +166,7 @@ def test_float16_step_scales_skips_overflow_and_backs_off():
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state),
                (before.params, before.opt_state))
   # A non-finite loss is still a failed step for the guard.
-  _, metrics = step(state, jnp.full((8, 16, 16, 3), jnp.nan))
+  _, metrics = step(state, jnp.full_like(images, jnp.nan))
   assert float(metrics["nonfinite"]) == 1.0
 
 
