@@ -39,7 +39,7 @@ TINY = ["--config=configs/demo.py", "--config.model.img_size=32", "--config.mode
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("MAE_JAX_", "SLURM_", "JAX_COMPILATION_CACHE"))}
+         if not k.startswith(("MAE_JAX_", "SLURM_"))}
   env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   return env
 
