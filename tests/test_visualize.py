@@ -89,10 +89,13 @@ def test_prediction_column_of_a_random_model_is_far_from_the_original_a_trained_
   render = jax.jit(lambda params: visualize.reconstruct(model, params, images, noise,
                                                         mask_ratio=0.75))
 
+  apply = jax.jit(lambda params: model.apply({"params": params}, images, mask_ratio=0.75,
+                                             noise=noise))
+
   def error(params):
     """Mean squared error of the prediction column on the removed pixels, in [0, 1] units."""
     figure = np.asarray(render(params))
-    _, _, mask = model.apply({"params": params}, images, mask_ratio=0.75, noise=noise)
+    _, _, mask = apply(params)
     removed = np.asarray(mask).reshape(16, 4, 4).repeat(4, 1).repeat(4, 2)[..., None] > 0
     return float(np.sum((figure[:, 2] - figure[:, 0]) ** 2 * removed) / (3 * removed.sum()))
 
@@ -131,8 +134,11 @@ def test_command_renders_given_images_from_a_converted_official_full_checkpoint(
   overrides = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, dtype="float32")
   model = from_config(config_lib.model_config("vit_b", **overrides))
-  params = jax.jit(lambda: model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
-                                      jnp.zeros((1, 32, 32, 3)))["params"])()
+  # Any params render: random draws of the model's shapes (no init to compile).
+  shapes = jax.eval_shape(model.init, {"params": jax.random.key(0), "mask": jax.random.key(1)},
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
   state_dict = convert.params_to_torch(params, img_size=32)  # official key names
   np.savez(tmp_path / "mae_tiny_full.npz", **state_dict)
   flags = [f"--config.model.{k}={v}" for k, v in overrides.items()]
