@@ -138,11 +138,21 @@ def env(tmp_path_factory):
   return workdir_tools.subprocess_env(tmp_path_factory.mktemp("jax_cache"))
 
 
+def _runs(arg_lists, env):
+  """Runs `python -m ARGS` for each list of args, side by side; their stdouts."""
+  processes = [subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for args in arg_lists]
+  outputs = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-3000:]
+    outputs.append(stdout)
+  return outputs
+
+
 def _run(args, env):
-  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  return _runs([args], env)[0]
 
 
 def _labels(split):
@@ -178,12 +188,12 @@ def test_pretraining_rows_on_4_devices_equal_1_device_and_extract_agrees(tmp_pat
   assert one(params)["knn_top1"] == rows[-1]["knn_top1"]
 
   # extract on 2 devices: the split's labels in order, and an independent kNN on its features
-  # gives the monitor's last figure.
-  files = {}
-  for split in ("train", "test"):
-    files[split] = tmp_path / f"{split}.npz"
-    out = _run(["mae_jax.extract", f"--workdir={workdir}", f"--output={files[split]}",
-                f"--split={split}", "--batch_size=100", "--num_cpu_devices=2"], env)
+  # gives the monitor's last figure. The two splits are extracted side by side.
+  files = {split: tmp_path / f"{split}.npz" for split in ("train", "test")}
+  outputs = _runs([["mae_jax.extract", f"--workdir={workdir}", f"--output={files[split]}",
+                    f"--split={split}", "--batch_size=100", "--num_cpu_devices=2"]
+                   for split in files], env)
+  for split, out in zip(files, outputs):
     assert str(files[split]) in out
   train_set, test_set = (np.load(files[s]) for s in ("train", "test"))
   assert train_set["features"].shape == (1437, 32) and test_set["features"].shape == (360, 32)

@@ -8,10 +8,12 @@ import pathlib
 
 def subprocess_env(cache_dir, drop=("MAE_JAX_", "SLURM_")) -> dict:
   """This environment without the variables starting with `drop` (pod settings, injected
-  faults), with fast CPU compiles and a compilation cache in `cache_dir` shared by the runs."""
+  faults), with fast CPU compiles and a compilation cache shared by the runs: the test run's
+  own (tests/conftest.py sets one for every test and subprocess) or else one in `cache_dir`."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop))}
   env.update(XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR") or
+             str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
