@@ -74,15 +74,17 @@ def create_optimizer(config: ml_collections.ConfigDict, params: Params,
                                  weight_decay=o.weight_decay)
 
 
-def init_state(model: VisionTransformer, config: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation) -> FinetuneState:
-  """Fresh params (the official init), optimizer state, step 0 and the run's key."""
-  params_key, rng = jax.random.split(jax.random.key(config.seed))
+def init_state(model: VisionTransformer, tx: optax.GradientTransformation, seed: int,
+               mode: str) -> FinetuneState:
+  """Fresh params (the official init), optimizer state of the params that `mode` ("finetune" or
+  "linear_probe") trains, step 0 and the run's key, all from `seed`. Its arguments are static
+  (a jitted call keys its compile on them), as in train.init_train_state."""
+  params_key, rng = jax.random.split(jax.random.key(seed))
   images = jnp.zeros((2, *models.image_hw(model.img_size), model.in_chans), jnp.float32)
   variables = model.init({"params": params_key}, images)
   params = variables["params"]
   return FinetuneState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=tx.init(trainable(params, config.mode)),
+                       opt_state=tx.init(trainable(params, mode)),
                        batch_stats=variables.get("batch_stats", {}),
                        rng=jax.random.key_data(rng), loss_scale=loss_scale.init(model.dtype))
 
@@ -91,7 +93,7 @@ def abstract_state(model: VisionTransformer, config: ml_collections.ConfigDict,
                    tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> FinetuneState:
   """ShapeDtypeStructs of the state carrying their target shardings (nothing allocated)."""
   return trainer.with_shardings(
-      mesh, jax.eval_shape(functools.partial(init_state, model, config, tx)),
+      mesh, jax.eval_shape(functools.partial(init_state, model, tx, config.seed, config.mode)),
       fsdp_min_bytes=trainer.fsdp_min_bytes(config))
 
 
@@ -276,14 +278,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   job = trainer.prepare(config)
   eval_every = config.eval_every_steps or job.steps_per_epoch
   model = create_model(config)
-  param_shapes = jax.eval_shape(functools.partial(init_state, model, config,
-                                                  optax.identity())).params
+  param_shapes = jax.eval_shape(functools.partial(init_state, model, optax.identity(),
+                                                  config.seed, config.mode)).params
   tx = create_optimizer(config, trainable(param_shapes, config.mode), job.learning_rate)
   target = abstract_state(model, config, tx, job.mesh)
   shardings = trainer.shardings_of(target)
 
   def init() -> FinetuneState:
-    state = jax.jit(functools.partial(init_state, model, config, tx),
+    state = jax.jit(functools.partial(init_state, model, tx, config.seed, config.mode),
                     out_shardings=shardings)()
     params, batch_stats = start_params(config, state.params, target.params,
                                        state.batch_stats)

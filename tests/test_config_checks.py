@@ -103,8 +103,9 @@ def test_config_nonfinite_guard_chooses_the_finetuning_steps_guard(guard, branch
   model = finetune.create_model(config)
   lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
   tx = finetune.create_optimizer(config, jax.eval_shape(
-      lambda: finetune.init_state(model, config, finetune.optax.identity())).params, lr)
-  state = jax.eval_shape(lambda: finetune.init_state(model, config, tx))
+      lambda: finetune.init_state(model, finetune.optax.identity(), 0, config.mode)).params,
+      lr)
+  state = jax.eval_shape(lambda: finetune.init_state(model, tx, 0, config.mode))
   options = finetune.step_options(config)
   assert options["guard_branch"] is branches
   images = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.uint8)

@@ -47,13 +47,13 @@ LIGHT = {"augment.rand_augment": "", "augment.reprob": 0.0}
 def _setup(config):
   model = finetune.create_model(config)
   lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
-  shapes = jax.eval_shape(functools.partial(finetune.init_state, model, config,
-                                            finetune.optax.identity())).params
+  shapes = jax.eval_shape(functools.partial(finetune.init_state, model, finetune.optax.identity(),
+                                            config.seed, config.mode)).params
   tx = finetune.create_optimizer(config, finetune.trainable(shapes, config.mode), lr)
   # Committed to the device like every later state (a step's output, a restored checkpoint), so
   # the step compiles once rather than once for uncommitted and once for committed arguments.
-  state = jax.device_put(jax.jit(functools.partial(finetune.init_state, model, config, tx))(),
-                         jax.devices()[0])
+  state = jax.device_put(jax.jit(functools.partial(finetune.init_state, model, tx, config.seed,
+                                                   config.mode))(), jax.devices()[0])
   step = jax.jit(functools.partial(finetune.train_step, model=model, tx=tx, learning_rate=lr,
                                    **finetune.step_options(config)))
   return model, tx, state, step

@@ -244,8 +244,8 @@ def _classifier_config(mode: str, accum: int):
 
 def _jax_classifier(c, params):
   model = finetune.create_model(c)
-  shapes = jax.eval_shape(functools.partial(finetune.init_state, model, c,
-                                            finetune.optax.identity())).params
+  shapes = jax.eval_shape(functools.partial(finetune.init_state, model, finetune.optax.identity(),
+                                            c.seed, c.mode)).params
   lr = train.create_learning_rate_fn(c, STEPS_PER_EPOCH)
   tx = finetune.create_optimizer(c, finetune.trainable(shapes, c.mode), lr)
   width = c.model.embed_dim
