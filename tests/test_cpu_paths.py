@@ -29,10 +29,11 @@ def test_softmax_attention_and_its_vjp_match_dot_product_attention(dtype, tol):
   ours = lambda q, k, v: heads_major(softmax_attention(heads_major(q), heads_major(k),
                                                        heads_major(v)))
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  np.testing.assert_allclose(np.asarray(ours(q, k, v), np.float32),
-                             np.asarray(ref(q, k, v), np.float32), atol=tol, rtol=tol)
-  grads = jax.grad(_loss(ours), argnums=(0, 1, 2))(q, k, v)
-  expected = jax.grad(_loss(ref), argnums=(0, 1, 2))(q, k, v)
+  # Each side jitted: one compile per function rather than one per op.
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(q, k, v), np.float32),
+                             np.asarray(jax.jit(ref)(q, k, v), np.float32), atol=tol, rtol=tol)
+  grads = jax.jit(jax.grad(_loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.jit(jax.grad(_loss(ref), argnums=(0, 1, 2)))(q, k, v)
   for g, e in zip(grads, expected):
     assert g.dtype == dtype
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
@@ -60,9 +61,10 @@ def test_attention_module_cpu_path_equals_the_xla_path():
   # projections are custom VJPs of their own, `dense`, under every attention_impl.)
   assert "name=softmax_attention" in str(jax.make_jaxpr(lambda p: auto.apply(p, x))(params))
   assert "name=softmax_attention" not in str(jax.make_jaxpr(lambda p: xla.apply(p, x))(params))
-  np.testing.assert_allclose(auto.apply(params, x), xla.apply(params, x), atol=1e-5, rtol=1e-5)
-  grads = jax.grad(_loss(lambda p: auto.apply(p, x)))(params)
-  expected = jax.grad(_loss(lambda p: xla.apply(p, x)))(params)
+  np.testing.assert_allclose(jax.jit(auto.apply)(params, x), jax.jit(xla.apply)(params, x),
+                             atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(_loss(lambda p: auto.apply(p, x))))(params)
+  expected = jax.jit(jax.grad(_loss(lambda p: xla.apply(p, x))))(params)
   jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-4), grads,
                expected)
 
