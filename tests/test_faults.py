@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +71,31 @@ def env(tmp_path_factory):
                                       drop=("MAE_JAX_", "SLURM_", "FAULT_"))
 
 
-def _run(env, workdir, *flags, faults=None, tiny=True) -> subprocess.CompletedProcess:
-  """mae_jax.main on `workdir` (through the fault injector when `faults` are given)."""
+def _start(env, workdir, *flags, faults=None, tiny=True):
+  """Starts mae_jax.main on `workdir` (through the fault injector when `faults` are given);
+  its output goes to files (pipes of runs waited on in turn could fill up)."""
   entry = [str(REPO / "tests" / "inject_faults.py")] if faults else ["-m", "mae_jax.main"]
   tiny_flags = [f"--config.{k}={v}" for k, v in TINY.items()] if tiny else []
-  return subprocess.run(
-      [sys.executable, *entry, f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
-       *tiny_flags, *flags], env={**env, **(faults or {})}, cwd=REPO, capture_output=True,
-      text=True, timeout=600)
+  log = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.{time.time_ns()}"
+  with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+    process = subprocess.Popen(
+        [sys.executable, *entry, f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
+         *tiny_flags, *flags], env={**env, **(faults or {})}, cwd=REPO, stdout=out,
+        stderr=err, text=True)
+  return process, log
+
+
+def _finish(started) -> subprocess.CompletedProcess:
+  process, log = started
+  process.wait(timeout=600)
+  return subprocess.CompletedProcess(process.args, process.returncode,
+                                     pathlib.Path(f"{log}.out").read_text(),
+                                     pathlib.Path(f"{log}.err").read_text())
+
+
+def _run(env, workdir, *flags, faults=None, tiny=True) -> subprocess.CompletedProcess:
+  """mae_jax.main on `workdir` (through the fault injector when `faults` are given)."""
+  return _finish(_start(env, workdir, *flags, faults=faults, tiny=tiny))
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -108,11 +126,29 @@ def reference(env, tmp_path_factory):
   return workdir
 
 
+# The first run of each fault below, on a fresh workdir: none needs another's result, so they
+# run side by side (the runs of one test are still in order), once the reference has filled
+# the compilation cache they all read.
+FIRST_RUNS = {"sigkill": {"FAULT_KILL_AT_COMMIT": "9"}, "enospc": {"FAULT_ENOSPC_AT_SAVE": "9"},
+              "sigterm": {"FAULT_SIGTERM_AT_STEP": "7"},
+              "nonfinite": {"FAULT_NONFINITE_AT_STEP": "8", "FAULT_VALUE": "nan"}}
+
+
+@pytest.fixture(scope="module")
+def first_runs(env, reference, tmp_path_factory):
+  """name -> (its workdir, its finished run) for each of FIRST_RUNS."""
+  del reference  # run first
+  workdirs = {name: tmp_path_factory.mktemp(name) for name in FIRST_RUNS}
+  started = {name: _start(env, workdirs[name], faults=faults)
+             for name, faults in FIRST_RUNS.items()}
+  return {name: (workdirs[name], _finish(run)) for name, run in started.items()}
+
+
 # --- SIGKILL during an asynchronous save --------------------------------------------------------
 
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_from_it(
-    env, reference, tmp_path):
-  killed = _run(env, tmp_path, faults={"FAULT_KILL_AT_COMMIT": "9"})
+    env, reference, first_runs):
+  tmp_path, killed = first_runs["sigkill"]
   assert killed.returncode == -9, killed.stderr[-3000:]
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert names[:2] == ["3", "6"] and len(names) == 3, names
@@ -129,8 +165,8 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_and_resumes_
 # --- out of disk space during a save --------------------------------------------------------------
 
 def test_out_of_space_during_a_save_stops_clearly_loses_nothing_and_resumes(env, reference,
-                                                                            tmp_path):
-  full = _run(env, tmp_path, faults={"FAULT_ENOSPC_AT_SAVE": "9"})
+                                                                            first_runs):
+  tmp_path, full = first_runs["enospc"]
   assert full.returncode != 0
   message = next(line for line in full.stderr.splitlines()
                  if "Out of disk space while saving" in line)
@@ -275,8 +311,9 @@ def test_each_kind_of_damage_is_named_and_none_restoring_fails_loudly(reference,
 
 # --- SIGTERM --------------------------------------------------------------------------------------
 
-def test_restart_after_sigterm_continues_exactly(env, reference, tmp_path):
-  log = _ok(_run(env, tmp_path, faults={"FAULT_SIGTERM_AT_STEP": "7"}))
+def test_restart_after_sigterm_continues_exactly(env, reference, first_runs):
+  tmp_path, preempted = first_runs["sigterm"]
+  log = _ok(preempted)
   assert "Preempted: saved the checkpoint of step 7" in log and _steps(tmp_path) == [3, 6, 7]
   log = _ok(_run(env, tmp_path))
   assert f"Resumed from {tmp_path}/checkpoints/7." in log
@@ -286,8 +323,8 @@ def test_restart_after_sigterm_continues_exactly(env, reference, tmp_path):
 # --- non-finite loss or gradients -----------------------------------------------------------------
 
 def test_nonfinite_loss_stops_at_the_last_good_checkpoint_and_the_skip_option_goes_on(
-    env, reference, tmp_path):
-  stopped = _run(env, tmp_path, faults={"FAULT_NONFINITE_AT_STEP": "8", "FAULT_VALUE": "nan"})
+    env, reference, first_runs):
+  tmp_path, stopped = first_runs["nonfinite"]
   assert stopped.returncode == 1
   assert ("FloatingPointError: Non-finite loss or gradient at step 8 (loss nan, grad_norm nan): "
           f"stopped, saving nothing from step 8 on; the last good checkpoint is "
