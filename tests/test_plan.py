@@ -120,10 +120,29 @@ def _plan(*args):
   return _plans(args)[0]
 
 
+# A small model whose params and optimizer state outweigh its activations, so that sharding
+# the state over the chips is what makes it fit (the demo stays the demo above; this one
+# compiles in a fraction of its time).
+_SMALL = ["--topology=v5e:2x2", "--config.model.embed_dim=384", "--config.model.depth=1",
+          "--config.model.num_heads=2", "--config.model.decoder_embed_dim=32",
+          "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
+          "--config.model.img_size=16", "--config.input.batch_size=4",
+          "--config.mesh.fsdp_min_mb=0"]
+
+
 @pytest.fixture(scope="module")
-def demo_plan():
+def first_plans():
+  """The plans that need no other's result, side by side: the demo on v5e:2x2, and the small
+  model there with its state on every chip and sharded over the 4 chips."""
   _needs_libtpu()
-  return _plan("--topology=v5e:2x2")
+  demo, replicated, sharded = _plans(["--topology=v5e:2x2"], _SMALL,
+                                     [*_SMALL, "--config.mesh.fsdp=4"])
+  return {"demo": demo, "replicated": replicated, "sharded": sharded}
+
+
+@pytest.fixture(scope="module")
+def demo_plan(first_plans):
+  return first_plans["demo"]
 
 
 def test_demo_compiles_for_v5e_2x2_and_fits(demo_plan):
@@ -146,22 +165,11 @@ def test_demo_compiles_for_v5e_2x2_and_fits(demo_plan):
   assert "TPU" not in result.stderr.replace("TPU v5 lite", "")  # libtpu stays quiet
 
 
-# A small model whose params and optimizer state outweigh its activations, so that sharding
-# the state over the chips is what makes it fit (the demo stays the demo above; this one
-# compiles in a fraction of its time).
-_SMALL = ["--topology=v5e:2x2", "--config.model.embed_dim=384", "--config.model.depth=1",
-          "--config.model.num_heads=2", "--config.model.decoder_embed_dim=32",
-          "--config.model.decoder_depth=1", "--config.model.decoder_num_heads=2",
-          "--config.model.img_size=16", "--config.input.batch_size=4",
-          "--config.mesh.fsdp_min_mb=0"]
-
-
-def test_a_config_that_does_not_fit_exits_1_and_its_first_suggestion_fits():
+def test_a_config_that_does_not_fit_exits_1_and_its_first_suggestion_fits(first_plans):
   # A chip with too little HBM for the model with its state on every chip, but enough once the
   # state (and so the gradients) is sharded over the 4 chips: halfway between what the two
   # need (program code included, which sharding makes larger at this tiny size).
-  _needs_libtpu()
-  runs = _plans(_SMALL, [*_SMALL, "--config.mesh.fsdp=4"])
+  runs = [first_plans["replicated"], first_plans["sharded"]]
   for result, _ in runs:
     assert result.returncode == 0, result.stdout + result.stderr
   (_, replicated), (_, sharded) = runs
