@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,6 +35,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mae_jax import loss_scale
 from mae_jax import writers
 
 CHECKPOINTS = "checkpoints"
@@ -409,6 +411,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
     readable = _readable_everywhere(error is None)
     if readable.all():
       items = _items(abstract_state, ocp.args.StandardRestore)
+      afresh = _loss_scale_afresh(path, items, abstract_state)
       try:
         restored = mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-exception-caught
@@ -419,7 +422,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
           _set_aside(mngr, [s for s, _ in failures])
         logging.info("Resumed from %s.", path)
         return abstract_state.replace(**{k: restored[k] for k in items if k != "meta"},
-                                      step=restored["meta"]["step"], rng=restored["meta"]["rng"])
+                                      **afresh, step=restored["meta"]["step"],
+                                      rng=restored["meta"]["rng"])
     if error is None:
       error = RuntimeError(f"process(es) {np.flatnonzero(~readable).tolist()} cannot read it")
     failures.append((step, error))
@@ -431,6 +435,20 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state,
         f"scratch. " + "; ".join(f"step {s}: {_summary(e)}" for s, e in failures) + ". Restore "
         f"them from a backup, or move {mngr.directory} away to start afresh.")
   return None
+
+
+def _loss_scale_afresh(path: epath.Path, items: Dict[str, Any], abstract_state) -> Dict[str, Any]:
+  """{"loss_scale": a fresh float16 loss scale} when the state to restore scales its loss and the
+  checkpoint at `path` has no scale (saved computing in float32 or bfloat16, resumed with
+  model.dtype float16), removing it from `items`; {} otherwise. The other way round needs
+  nothing: a float16 checkpoint's scale is simply not read."""
+  if "loss_scale" not in items or (path / "loss_scale").exists():
+    return {}
+  del items["loss_scale"]
+  logging.info("%s was saved without float16 loss scaling: the loss scale starts afresh at %g.",
+               path, loss_scale.INIT_SCALE)
+  return {"loss_scale": jax.tree.map(lambda value, target: jax.device_put(value, target.sharding),
+                                     loss_scale.init(jnp.float16), abstract_state.loss_scale)}
 
 
 def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict, *,

@@ -14,6 +14,7 @@ import pytest
 
 from mae_jax import checkpoint
 from mae_jax import config_lib
+from mae_jax import loss_scale
 from mae_jax import train
 import workdir_tools
 
@@ -25,10 +26,15 @@ def _params(seed=0):
           "cls": jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)}
 
 
-def _state(params, step):
+def _state(params, step, scale=None):
   return train.TrainState(step=jnp.int32(step), params=params,
                           opt_state={"mu": jax.tree.map(jnp.zeros_like, params)},
-                          rng=jax.random.key_data(jax.random.key(3)))
+                          rng=jax.random.key_data(jax.random.key(3)), loss_scale=scale)
+
+
+def _abstract(state):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
 
 
 def test_save_params_then_load_params_round_trips_with_config(tmp_path):
@@ -69,15 +75,35 @@ def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(
   params, _ = checkpoint.load_params(str(tmp_path / "checkpoints" / "6"))
   jax.tree.map(np.testing.assert_array_equal, params, _params(6))
 
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-      _state(_params(), 0))
-  restored = checkpoint.restore_latest(mngr, abstract)
+  restored = checkpoint.restore_latest(mngr, _abstract(_state(_params(), 0)))
   assert int(restored.step) == 9
   np.testing.assert_array_equal(restored.rng, _state(_params(), 0).rng)
   jax.tree.map(np.testing.assert_array_equal, restored.params, _params(9))
   mngr.close()
+
+
+@pytest.mark.parametrize("saved_dtype, resumed_dtype", [("bfloat16", "float16"),
+                                                        ("float16", "float32")])
+def test_a_run_resumes_when_model_dtype_switches_to_or_from_float16(tmp_path, saved_dtype,
+                                                                    resumed_dtype):
+  # float16 compute carries a dynamic loss scale in the state, the others carry none: a
+  # checkpoint without one starts the scale afresh, one with a scale is read without it.
+  saved_scale = loss_scale.init(saved_dtype)
+  if saved_scale is not None:
+    saved_scale = {"scale": jnp.float32(1024.0), "growth_tracker": jnp.int32(5)}
+  mngr = checkpoint.manager(str(tmp_path), keep=2)
+  checkpoint.save(mngr, _state(_params(4), 4, saved_scale), config_lib.pretrain_config("vit_b"))
+  mngr.wait_until_finished()
+  restored = checkpoint.restore_latest(
+      mngr, _abstract(_state(_params(), 0, loss_scale.init(resumed_dtype))))
+  mngr.close()
+  assert int(restored.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, restored.params, _params(4))
+  if resumed_dtype == "float16":
+    assert float(restored.loss_scale["scale"]) == loss_scale.INIT_SCALE
+    assert int(restored.loss_scale["growth_tracker"]) == 0
+  else:
+    assert restored.loss_scale is None
 
 
 def test_relative_workdirs_save_and_load(tmp_path, monkeypatch):
