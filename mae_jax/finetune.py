@@ -225,7 +225,7 @@ def train_step(state: FinetuneState, images: jax.Array, labels: jax.Array, *,
       branch=guard_branch)
   params = {**state.params, **weights}
   scale, finite = loss_scale.after_update(state.loss_scale, loss, finite)
-  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
+  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite, scale)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        batch_stats=batch_stats, loss_scale=scale), metrics
 

@@ -127,7 +127,7 @@ def train_step(state: TrainState, images: jax.Array, *, model: models.MaskedAuto
   params, opt_state, _, grad_norm, finite = update_if_finite(tx, loss, grads, state.opt_state,
                                                              state.params, branch=guard_branch)
   scale, finite = loss_scale.after_update(state.loss_scale, loss, finite)
-  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite)
+  metrics = trainer.step_metrics(loss, grad_norm, learning_rate(state.step), finite, scale)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        loss_scale=scale), metrics
 

@@ -195,11 +195,16 @@ def update_if_finite(tx: optax.GradientTransformation, loss: jax.Array, grads: P
   return params, opt_state, extra, grad_norm, finite
 
 
-def step_metrics(loss: jax.Array, grad_norm: jax.Array, lr: jax.Array,
-                 finite: jax.Array) -> Dict[str, jax.Array]:
-  """The metrics every step returns, which the Reporter and the NonFiniteGuard read."""
-  return {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-          "nonfinite": 1.0 - finite.astype(jnp.float32)}
+def step_metrics(loss: jax.Array, grad_norm: jax.Array, lr: jax.Array, finite: jax.Array,
+                 scale: Any = None) -> Dict[str, jax.Array]:
+  """The metrics every step returns, which the Reporter and the NonFiniteGuard read; with
+  float16 compute also `loss_scale`, the dynamic loss scale after the step (mae_jax.loss_scale:
+  what the next step multiplies its loss by)."""
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  if scale is not None:
+    metrics["loss_scale"] = scale["scale"]
+  return metrics
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -320,10 +325,15 @@ class Reporter:
            "peak_memory_gb": peak_memory()[0]}
     if "nonfinite" in values[-1]:
       row["skipped_steps"] = int(sum(v["nonfinite"] for v in values))
-    logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f  %.1f img/s  "
+    scale = ""
+    if "loss_scale" in values[-1]:  # float16 compute
+      row["loss_scale"] = float(values[-1]["loss_scale"])
+      scale = f"  loss scale {row['loss_scale']:g}"
+    logging.info("step %d/%d (epoch %.2f): loss %.4f  lr %.3e  grad_norm %.4f%s  %.1f img/s  "
                  "input wait %.0f%%  peak memory %.2f GB  ETA %s", step, self._total,
-                 row["epoch"], row["loss"], row["lr"], row["grad_norm"], row["img_per_s"],
-                 100 * input_wait, row["peak_memory_gb"], writers.format_duration(row["eta_s"]))
+                 row["epoch"], row["loss"], row["lr"], row["grad_norm"], scale,
+                 row["img_per_s"], 100 * input_wait, row["peak_memory_gb"],
+                 writers.format_duration(row["eta_s"]))
     self._writer.write_scalars(step, row)
     self._bar.set_postfix(f"loss {row['loss']:.4f}  {row['img_per_s']:.1f} img/s  "
                           f"ETA {writers.format_duration(row['eta_s'])}")

@@ -163,6 +163,7 @@ def test_float16_step_scales_skips_overflow_and_backs_off():
   assert float(metrics["nonfinite"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
   assert float(state.loss_scale["scale"]) == 2.0**119
   assert int(state.loss_scale["growth_tracker"]) == 0 and int(state.step) == 3
+  assert float(metrics["loss_scale"]) == 2.0**119  # reported: the scale the next step uses
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state),
                (before.params, before.opt_state))
   # A non-finite loss is still a failed step for the guard.

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax import trainer
+from mae_jax import writers
 
 
 def _linear_grad_fn():
@@ -74,3 +75,26 @@ def test_a_run_opens_its_training_data_once(monkeypatch):
   assert next(batches)["image"].shape == (4, 16, 16, 3)
   batches.close()
   assert len(opened) == 1
+
+
+def test_a_float16_run_reports_its_loss_scale_and_other_runs_do_not(caplog):
+  class Rows:  # what the Reporter writes to metrics.jsonl and TensorBoard
+    def __init__(self):
+      self.rows = []
+
+    def write_scalars(self, step, row):
+      self.rows.append((step, row))
+
+  caplog.set_level("INFO")
+  for scale, expected in [({"scale": jnp.float32(2.0**15)}, 2.0**15), (None, None)]:
+    rows = Rows()
+    reporter = trainer.Reporter(rows, writers.ProgressBar(2, enabled=False), start=0, total=2,
+                                log_every=2, batch_size=4, num_examples=8)
+    for step in (1, 2):
+      reporter.add(step, trainer.step_metrics(jnp.float32(1.0), jnp.float32(2.0),
+                                              jnp.float32(0.1), jnp.bool_(True), scale))
+    reporter.flush()
+    (step, row), = rows.rows
+    assert step == 2 and row.get("loss_scale") == expected
+    assert ("loss scale 32768" in caplog.text) == (expected is not None)
+    caplog.clear()
