@@ -243,7 +243,13 @@ def export_transformers(workdir: str, output: str) -> Dict[str, np.ndarray]:
                      "fields (heads, sizes)")
   sd, hf_config = to_transformers(params, config)
   os.makedirs(output, exist_ok=True)
-  save_file(sd, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+  weights = os.path.join(output, "model.safetensors")
+  save_file(sd, weights, metadata={"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  # safetensors writes through a private temporary file (mode 600): give the weights the mode of
+  # any other file written here, so that whoever may read config.json can read them too.
+  os.chmod(weights, 0o666 & ~umask)
   with open(os.path.join(output, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
   return sd

@@ -225,6 +225,8 @@ def test_encoder_only_workdir_exports_a_vitmae_model(tmp_path):
   sd, hf_config = export.to_transformers(*checkpoint.load_params(str(tmp_path / "workdir")))
   assert hf_config["architectures"] == ["ViTMAEModel"]
   export.export_transformers(str(tmp_path / "workdir"), str(tmp_path / "hf"))
+  mode = lambda name: (tmp_path / "hf" / name).stat().st_mode & 0o777
+  assert mode("model.safetensors") == mode("config.json")  # not safetensors' private 600
   hf = transformers.ViTMAEModel.from_pretrained(tmp_path / "hf",
                                                 attn_implementation="eager").eval()
   assert set(hf.state_dict()) >= {k.replace("encoder.layer.", "layers.") for k in sd
