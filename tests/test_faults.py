@@ -46,22 +46,14 @@ TINY = {"total_steps": STEPS, "checkpoint_every_steps": EVERY, "keep_checkpoints
         "model.decoder_embed_dim": 16, "model.decoder_depth": 1, "model.decoder_num_heads": 2}
 
 
-def _set(config, fields: dict):
-  for key, value in fields.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return config
-
-
 def _tiny_config(**fields):
   """The config the subprocess runs get from configs/demo.py and the TINY flags."""
   spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return _set(module.get_config(), {**TINY, **fields})
+  config = module.get_config()
+  config.update_from_flattened_dict({**TINY, **fields})  # dotted keys, as the flags give them
+  return config
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
   c.input.batch_size = 8
   c.total_steps = 100
   c.warmup_steps = 10
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys, as on the command line
   return c
 
 
