@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from mae_jax import checkpoint
 from mae_jax import config_checks
 from mae_jax import distributed
+from mae_jax.input_pipeline.decode import DatasetMismatch
 from mae_jax import finetune
 from mae_jax import train
 
@@ -155,6 +156,10 @@ def main(argv) -> None:
     _JOBS[config.mode](config, checkpoint.absolute(_WORKDIR.value))
   except config_checks.ConfigError as e:  # raised before anything is compiled or written
     _usage_error(f"{e}\nThe fields are documented in {CONFIG_DOCS}.")
+  except DatasetMismatch as e:  # a file met during the run that the first files did not show
+    sys.stderr.write(f"Error: {e}\nThe run stopped; checkpoints saved before it are kept, and a "
+                     f"rerun with the same --workdir resumes from the newest.\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

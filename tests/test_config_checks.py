@@ -168,6 +168,30 @@ def test_visualize_refuses_a_mask_ratio_of_one_in_a_few_lines(tmp_path):
   _assert_short_error(result, "--mask_ratio=1.0: must lie in [0, 1)")
 
 
+def test_a_file_that_does_not_fit_met_during_the_run_ends_in_one_error_line(monkeypatch,
+                                                                           capsys, tmp_path):
+  # The early config check reads only each split's first file; a later one that does not fit
+  # stops the run at its batch (DatasetMismatch), which main reports as an error, not a traceback.
+  from mae_jax import main  # pylint: disable=g-import-not-at-top
+  from mae_jax.input_pipeline import decode  # pylint: disable=g-import-not-at-top
+
+  def job(config, workdir):
+    del config, workdir
+    raise decode.DatasetMismatch("data/20.npy has 5 channels, but config.model.in_chans=4: ...")
+
+  monkeypatch.setitem(main._JOBS, "pretrain", job)  # pylint: disable=protected-access
+  monkeypatch.setattr(main.distributed, "initialize", lambda: None)
+  monkeypatch.setattr(main, "_CONFIG", type("Flag", (), {"value": config_lib.pretrain_config(
+      "vit_b")})())
+  monkeypatch.setattr(main, "_WORKDIR", type("Flag", (), {"value": str(tmp_path / "run")})())
+  with pytest.raises(SystemExit) as exit_info:
+    main.main(["mae_jax.main"])
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("Error: data/20.npy has 5 channels") and "Traceback" not in err
+  assert "resumes from the newest" in err
+
+
 def test_help_says_where_the_config_fields_are_documented():
   from mae_jax import main  # pylint: disable=g-import-not-at-top  # defines the flags
   assert "docs/configs.md" in flags.FLAGS["config"].help
