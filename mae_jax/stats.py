@@ -11,6 +11,7 @@ ImageNet's training images.
 """
 
 import json
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -53,7 +54,11 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
-  stats = dataset_stats(config.input, config.model.in_chans, _MAX_IMAGES.value)
+  try:
+    stats = dataset_stats(config.input, config.model.in_chans, _MAX_IMAGES.value)
+  except decode.DatasetMismatch as e:  # names the file, the field and the fix
+    sys.stderr.write(f"Error: {e}\n")
+    sys.exit(1)
   print(f"{stats['images']} images ({stats['pixels']:,} pixels, {stats['skipped']} unreadable "
         f"skipped) of {config.input.dataset}, split {config.input.split}, "
         f"{config.model.in_chans} channel{'s' * (config.model.in_chans != 1)}:")

@@ -182,6 +182,16 @@ def test_stats_are_the_bands_mean_and_std_over_all_pixels(npy_folder):
   assert stats.overrides(result).startswith("--config.input.mean='(")
 
 
+def test_stats_of_files_that_do_not_fit_in_chans_is_one_error_line(npy_folder):
+  result = subprocess.run(
+      [sys.executable, "-m", "mae_jax.stats", f"--config={REPO}/configs/demo.py",
+       f"--config.input.dataset=folder:{npy_folder}"], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+  assert "has 4 channels, but config.model.in_chans=3" in result.stderr
+
+
 def _start_pretraining(workdir, *overrides):
   """Starts `python -m mae_jax.main` with a tiny model for 3 steps; `_rows` waits for it."""
   command = [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/demo.py",
