@@ -235,6 +235,7 @@ def export_transformers(workdir: str, output: str) -> Dict[str, np.ndarray]:
   workdir's params; returns the state dict."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params, config = checkpoint.load_params(workdir)
@@ -243,15 +244,13 @@ def export_transformers(workdir: str, output: str) -> Dict[str, np.ndarray]:
                      "fields (heads, sizes)")
   sd, hf_config = to_transformers(params, config)
   os.makedirs(output, exist_ok=True)
-  weights = os.path.join(output, "model.safetensors")
+  weights, hf_json = os.path.join(output, "model.safetensors"), os.path.join(output, "config.json")
   save_file(sd, weights, metadata={"format": "pt"})
-  umask = os.umask(0)
-  os.umask(umask)
-  # safetensors writes through a private temporary file (mode 600): give the weights the mode of
-  # any other file written here, so that whoever may read config.json can read them too.
-  os.chmod(weights, 0o666 & ~umask)
-  with open(os.path.join(output, "config.json"), "w") as f:
+  with open(hf_json, "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
+  # safetensors writes through a private temporary file (mode 600): the weights take the mode of
+  # config.json, written as any file is, so that whoever may read one can read the other.
+  shutil.copymode(hf_json, weights)
   return sd
 
 
