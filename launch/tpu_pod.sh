@@ -100,17 +100,21 @@ if has_step create; then
     esac
   fi
   # v2-v4 and v5p types count TensorCores (2 a chip), v5e and v6e count chips (the same table
-  # as mae_jax/plan.py). v2-v5p hosts hold 4 chips each; v5e and v6e slices of up to 8 chips
-  # are one host, larger ones 4 chips a host.
+  # as mae_jax/plan.py). v2-v5p hosts hold 4 chips, one TPU VM each. v5e and v6e hosts hold 8
+  # chips (the documentation's tables: v5e 4x4 = 2 hosts); a slice of up to 8 chips is one TPU
+  # VM, a larger one runs as 4-chip TPU VMs, two a host.
   size=${accelerator_type##*-}
   case "${accelerator_type%-*}" in
-    v5litepod | v6e) chips=$size per_host=4 single_host=8 ;;
-    *) chips=$((size / 2)) per_host=4 single_host=4 ;;
+    v5litepod | v6e) chips=$size host_chips=8 single_vm=8 ;;
+    *) chips=$((size / 2)) host_chips=4 single_vm=4 ;;
   esac
   ((chips >= 1 && (chips & (chips - 1)) == 0)) ||
     die "--accelerator_type=$accelerator_type: the size must be a power of two (v4-32, v5litepod-16, ...)."
-  hosts=$((chips <= single_host ? 1 : chips / per_host))
-  echo "# $accelerator_type: $chips chips on $hosts TPU VM worker(s), one JAX process each."
+  if ((chips >= host_chips)); then hosts="$((chips / host_chips)) host(s)"
+  else hosts="1/$((host_chips / chips)) of a host"; fi
+  workers=$((chips <= single_vm ? 1 : chips / 4))
+  echo "# $accelerator_type: $chips chips on $hosts ($workers TPU VM worker(s)," \
+    "one JAX process each)."
 fi
 if $plan; then
   has_step create || die "--plan checks a slice before creating it; add create to --steps."

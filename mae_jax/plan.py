@@ -49,26 +49,30 @@ class Generation:
   hbm_bytes: int           # per chip
   bf16_tflops: float       # peak per chip
   torus_dims: int          # 3: a 3D torus (XxYxZ topologies), 2: a 2D one
-  single_host_chips: int   # the largest slice on one host; larger ones have 4 chips a host
+  single_host_chips: int   # the largest slice on one TPU VM; larger ones have 4-chip VMs
+  chips_per_host: int      # chips on one physical host (the documentation's "hosts" column)
   chip_config: str         # libtpu's chip_config_name: "megacore" = one JAX device a chip
 
 
 # v4 and v5p: accelerator types count TensorCores (v4-32 = 16 chips), each chip one JAX device
-# (megacore); 4 chips a host. v5e ("v5litepod") and v6e count chips; slices of up to 8 chips
-# are one host, larger ones 4 chips a host.
+# (megacore); 4 chips a host, one TPU VM a host. v5e ("v5litepod") and v6e count chips; their
+# hosts hold 8 chips (the documentation's tables: v5e 4x4 = 2 hosts, 16x16 = 32), but a slice
+# of more than 8 chips runs as 4-chip TPU VMs (ct5lp-hightpu-4t on v5e), two a host: v5e-16 is
+# 2 hosts and 4 TPU VM workers, each one JAX process.
 GENERATIONS = {
-    "v4": Generation("v4", "v4", "TPU v4", True, 32 * GIB, 275.0, 3, 4, "megacore"),
-    "v5p": Generation("v5p", "v5p", "TPU v5", True, 95 * GIB, 459.0, 3, 4, "megacore"),
-    "v5e": Generation("v5e", "v5litepod", "TPU v5 lite", False, 16 * GIB, 197.0, 2, 8,
+    "v4": Generation("v4", "v4", "TPU v4", True, 32 * GIB, 275.0, 3, 4, 4, "megacore"),
+    "v5p": Generation("v5p", "v5p", "TPU v5", True, 95 * GIB, 459.0, 3, 4, 4, "megacore"),
+    "v5e": Generation("v5e", "v5litepod", "TPU v5 lite", False, 16 * GIB, 197.0, 2, 8, 8,
                       "default"),
-    "v6e": Generation("v6e", "v6e", "TPU v6 lite", False, 32 * GIB, 918.0, 2, 8, "default"),
+    "v6e": Generation("v6e", "v6e", "TPU v6 lite", False, 32 * GIB, 918.0, 2, 8, 8,
+                      "default"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """A Cloud TPU slice: its generation, chips, topology and TPU VM hosts."""
+  """A Cloud TPU slice: its generation, chips, topology, hosts and TPU VM workers."""
   name: str          # as given: "v5litepod-16", "v5e-16" or "v5e:4x4"
   generation: Generation
   shape: Tuple[int, ...]  # chips along each torus axis
@@ -78,8 +82,16 @@ class Slice:
     return math.prod(self.shape)
 
   @property
-  def hosts(self) -> int:
-    """TPU VM workers, one JAX process each."""
+  def hosts(self) -> float:
+    """Physical hosts, as the Cloud TPU documentation's tables count them: v4/v5p 4 chips a
+    host, v5e/v6e 8 (a fraction for smaller slices: v5e 2x2 is 1/2 of a host)."""
+    hosts = self.chips / self.generation.chips_per_host
+    return int(hosts) if hosts >= 1 else hosts
+
+  @property
+  def workers(self) -> int:
+    """TPU VM workers (`gcloud ... ssh --worker=all` reaches each), one JAX process each:
+    one for a slice of up to `single_host_chips` chips, otherwise one per 4 chips."""
     g = self.generation
     return 1 if self.chips <= g.single_host_chips else self.chips // 4
 
@@ -99,11 +111,19 @@ class Slice:
     _import_libtpu()
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     shape = self.shape + (1,) * (3 - len(self.shape))
-    per_host = shape if self.hosts == 1 else (2, 2, 1)
+    per_host = shape if self.workers == 1 else (2, 2, 1)
     topology = topologies.get_topology_desc(
         platform="tpu", topology_name=self.topology,
         chip_config_name=self.generation.chip_config, chips_per_host_bounds=per_host)
     return list(topology.devices)
+
+
+def host_text(tpu: Slice) -> str:
+  """"2 hosts (4 TPU VM workers, one JAX process each)": the documentation's host count and the
+  workers that run the program (the launcher prints the same)."""
+  hosts = tpu.hosts
+  hosts = f"1/{round(1 / hosts)} of a host" if hosts < 1 else f"{hosts} host(s)"
+  return f"{hosts} ({tpu.workers} TPU VM worker(s), one JAX process each)"
 
 
 def _torus_shape(chips: int, dims: int) -> Tuple[int, ...]:
@@ -270,6 +290,10 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
   state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(abstract_state))
   memory = {"state": state_bytes, "batch": _shard_bytes(images)}
   start = time.perf_counter()
+  # A deviceless compile's executable cannot be serialized into JAX's persistent compilation
+  # cache (libtpu: "PjRtCompiler must be constructed with a Client"): skip the cache for it.
+  cache_was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     compiled = step.lower(abstract_state, images).compile()
   except Exception as error:  # pylint: disable=broad-except
@@ -282,6 +306,8 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
     total = (float(used.group(1)) * scale[used.group(2)[0]] if used else math.inf)
     memory.update(total=total, temporaries=math.nan, outputs=math.nan, code=0)
     return Compiled(memory, time.perf_counter() - start, {}, error=message.splitlines()[0])
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_was_on)
   compile_s = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   outputs = analysis.output_size_in_bytes - analysis.alias_size_in_bytes
@@ -355,10 +381,10 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
     raise ValueError(f"config.mode={config.mode!r}: the plan compiles the pretraining step; "
                      f"use a pretraining config (configs/vit_b.py, vit_l.py, vit_h.py, demo.py).")
   config = _tpu_config(config)
-  train.validate_config(config, device_count=tpu.chips, process_count=tpu.hosts)
+  train.validate_config(config, device_count=tpu.chips, process_count=tpu.workers)
   _import_libtpu()
   log(f"slice: {tpu.accelerator_type} = topology {tpu.topology}: {tpu.chips} chips "
-      f"({tpu.generation.device_kind}) on {tpu.hosts} host(s); "
+      f"({tpu.generation.device_kind}) on {host_text(tpu)}; "
       f"{hbm / GB:.4g} GB HBM and {tpu.generation.bf16_tflops:g} bf16 TFLOP/s per chip")
   m = config.model
   height, width = models.image_hw(m.img_size)
@@ -399,7 +425,7 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
         break
       variant = apply_overrides(config, overrides)
       try:
-        train.validate_config(variant, device_count=tpu.chips, process_count=tpu.hosts)
+        train.validate_config(variant, device_count=tpu.chips, process_count=tpu.workers)
       except ValueError:
         continue
       if set(overrides) <= {"mesh.fsdp", "mesh.data"} and not result.error:
@@ -426,7 +452,7 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
 
   return {
       "topology": tpu.topology, "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
-      "hosts": tpu.hosts, "device_kind": tpu.generation.device_kind,
+      "hosts": tpu.hosts, "workers": tpu.workers, "device_kind": tpu.generation.device_kind,
       "hbm_gb_per_chip": _gb(hbm), "memory_gb_per_chip": _gb(mem["total"]), "fits": fits,
       "compile_s": round(result.compile_s, 1),
       "collectives": {op: c["count"] for op, c in sorted(result.collectives.items())},

@@ -81,7 +81,8 @@ def test_tpu_dry_run_v4_32():
       "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_l.py",
       "--workdir=gs://bucket/vit_l", "--", "--config.input.batch_size=4096",
       "--config.note=it's a test")
-  assert notes[0] == "# v4-32: 16 chips on 4 TPU VM worker(s), one JAX process each."
+  assert notes[0] == ("# v4-32: 16 chips on 4 host(s) (4 TPU VM worker(s), one JAX process "
+                      "each).")
   assert len(commands) == 4
   describe, create, install, run = commands
   assert describe == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "mae-v4",
@@ -104,7 +105,8 @@ def test_tpu_dry_run_v5e_256_queued(accelerator_type):
       f"--accelerator_type={accelerator_type}", "--queued", "--spot", "--branch=dev",
       "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_h.py",
       "--workdir=gs://bucket/vit_h")
-  assert notes[0] == "# v5litepod-256: 256 chips on 64 TPU VM worker(s), one JAX process each."
+  assert notes[0] == ("# v5litepod-256: 256 chips on 32 host(s) (64 TPU VM worker(s), one JAX "
+                      "process each).")
   assert len(commands) == 5
   existing, create, describe, install, run = commands
   assert existing == describe
@@ -138,8 +140,7 @@ def test_tpu_hosts_per_slice_agree_with_the_plan(accelerator_type):
   notes, _ = _dry_run("--name=n", "--zone=z", f"--accelerator_type={accelerator_type}",
                       "--steps=create")
   tpu = plan.parse_slice(accelerator_type)
-  assert notes[0] == (f"# {accelerator_type}: {tpu.chips} chips on {tpu.hosts} TPU VM "
-                      f"worker(s), one JAX process each.")
+  assert notes[0] == f"# {accelerator_type}: {tpu.chips} chips on {plan.host_text(tpu)}."
 
 
 # --- launch/tpu_pod.sh against a stand-in gcloud --------------------------------------------
