@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mae_jax on a Cloud TPU VM slice: create the slice (directly, or as a queued resource), install
-# mae_jax on every worker, and run the same `python3 -m mae_jax.main` on all of them at once.
+# mae_jax on every worker, and run the same `python -m mae_jax.main` (the worker's
+# ~/mae_jax_venv) on all of them at once.
 # Every worker is one JAX process; mae_jax.distributed finds the others by itself.
 #
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE --accelerator_type=v4-32 --repo=GIT_URL \
@@ -20,8 +21,8 @@
 #                             and the preempted slice is deleted, created anew, and training
 #                             resumes from its workdir)
 #   --plan                    before create, compile the run's train step for this slice here
-#                             (python -m mae_jax.plan, needs '.[tpu]') and create nothing if it
-#                             does not fit in the chips' memory
+#                             ($PYTHON -m mae_jax.plan, PYTHON default python3; needs '.[tpu]')
+#                             and create nothing if it does not fit in the chips' memory
 #   --create_even_if_it_does_not_fit   with --plan: create the slice all the same
 #   --repo=GIT_URL            mae_jax repository every worker clones        [required: install]
 #   --branch=BRANCH           default: main
@@ -105,19 +106,31 @@ if has_step create; then
   # VM, a larger one runs as 4-chip TPU VMs, two a host.
   size=${accelerator_type##*-}
   case "${accelerator_type%-*}" in
-    v5litepod | v6e) chips=$size host_chips=8 single_vm=8 ;;
-    *) chips=$((size / 2)) host_chips=4 single_vm=4 ;;
+    v5litepod | v6e)
+      chips=$size host_chips=8 single_vm=8
+      [[ " 1 4 8 16 32 64 128 256 " == *" $size "* ]] ||
+        die "--accelerator_type=$accelerator_type: ${accelerator_type%-*} sizes count chips:" \
+          "1, 4, 8, 16, 32, 64, 128 or 256."
+      ;;
+    *)
+      chips=$((size / 2)) host_chips=4 single_vm=4
+      ((size >= 8 && (size & (size - 1)) == 0)) ||
+        die "--accelerator_type=$accelerator_type: ${accelerator_type%-*} sizes count" \
+          "TensorCores (2 a chip): 8, 16, 32, 64, ..."
+      ;;
   esac
-  ((chips >= 1 && (chips & (chips - 1)) == 0)) ||
-    die "--accelerator_type=$accelerator_type: the size must be a power of two (v4-32, v5litepod-16, ...)."
-  if ((chips >= host_chips)); then hosts="$((chips / host_chips)) host(s)"
+  if ((chips > host_chips)); then hosts="$((chips / host_chips)) hosts"
+  elif ((chips == host_chips)); then hosts="1 host"
   else hosts="1/$((host_chips / chips)) of a host"; fi
   workers=$((chips <= single_vm ? 1 : chips / 4))
-  echo "# $accelerator_type: $chips chips on $hosts ($workers TPU VM worker(s)," \
-    "one JAX process each)."
+  if ((workers > 1)); then processes="$workers TPU VM workers, one JAX process each"
+  else processes="1 TPU VM worker, one JAX process"; fi
+  echo "# $accelerator_type: $chips chips on $hosts ($processes)."
 fi
 if $plan; then
   has_step create || die "--plan checks a slice before creating it; add create to --steps."
+  [[ $accelerator_type =~ ^(v2|v3)- ]] &&
+    die "--plan compiles for v4, v5p, v5e (v5litepod) and v6e slices, not ${accelerator_type%-*}."
   [[ -n $config ]] || die "--plan needs --config, e.g. --config=configs/vit_l.py."
 fi
 if has_step install; then

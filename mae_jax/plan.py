@@ -3,16 +3,16 @@
     python -m mae_jax.plan --config=configs/vit_h.py --topology=v5p-64 [--config.FIELD=VALUE ...]
 
 libtpu (`pip install -e '.[tpu]'`) compiles for a TPU topology with no TPU present
-(`jax.experimental.topologies`). This module checks the config against the slice's device and
-host counts (`mae_jax.train.validate_config`), builds the config's mesh over the slice's
+(`jax.experimental.topologies`). This module checks the config against the slice's chip count
+and its TPU VM workers, one JAX process each (`mae_jax.train.validate_config`), builds the config's mesh over the slice's
 devices and compiles the trainer's own `jit_train_step` for them, then reports XLA's memory
 analysis per chip against the chip's HBM, the compile time, the collectives in the program and
 the model FLOPs. When the config does not fit, it compiles variants that trade time for memory
 (a larger fsdp axis, remat, scan, gradient accumulation) and prints the cheapest that fit as
 `--config.FIELD=VALUE` overrides.
 
-Exit status: 0 fits, 1 does not fit, 2 usage error (bad topology, bad config, no libtpu). The
-last line of the output is one JSON object (`topology`, `chips`, `device_kind`,
+Exit status: 0 fits, 1 does not fit, 2 usage error (bad topology, bad config, no libtpu). With
+status 0 or 1 the last line of the output is one JSON object (`topology`, `chips`, `device_kind`,
 `hbm_gb_per_chip`, `memory_gb_per_chip`, `fits`, `compile_s`, `collectives`, `suggestions`, ...).
 GB here are 10^9 bytes.
 """
@@ -120,10 +120,11 @@ class Slice:
 
 def host_text(tpu: Slice) -> str:
   """"2 hosts (4 TPU VM workers, one JAX process each)": the documentation's host count and the
-  workers that run the program (the launcher prints the same)."""
-  hosts = tpu.hosts
-  hosts = f"1/{round(1 / hosts)} of a host" if hosts < 1 else f"{hosts} host(s)"
-  return f"{hosts} ({tpu.workers} TPU VM worker(s), one JAX process each)"
+  TPU VM workers that run the program, one JAX process each (the launcher prints the same)."""
+  hosts, workers = tpu.hosts, tpu.workers
+  hosts = f"1/{round(1 / hosts)} of a host" if hosts < 1 else f"{hosts} host{'s' * (hosts > 1)}"
+  return (f"{hosts} ({workers} TPU VM worker{'s' * (workers > 1)}, "
+          f"{'one JAX process each' if workers > 1 else 'one JAX process'})")
 
 
 def _torus_shape(chips: int, dims: int) -> Tuple[int, ...]:
@@ -141,6 +142,19 @@ def _torus_shape(chips: int, dims: int) -> Tuple[int, ...]:
       axis = max(a for a in range(3) if shape[a] == smallest)
       shape[axis] *= 2
   return tuple(shape)
+
+
+# The slice shapes of Cloud TPU's documentation: v5e and v6e (2D) these alone; v4 and v5p (3D)
+# these below a cube of 4x4x4, then any multiple of 4 along each axis.
+_SHAPES_2D = ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))
+_SMALL_3D = ((1, 2, 2), (2, 2, 2), (2, 2, 4), (2, 4, 4))
+
+
+def _is_slice_shape(shape: Tuple[int, ...]) -> bool:
+  ordered = tuple(sorted(shape))
+  if len(shape) == 2:
+    return ordered in _SHAPES_2D
+  return ordered in _SMALL_3D or all(d % 4 == 0 for d in shape)
 
 
 def parse_slice(name: str) -> Slice:
@@ -161,7 +175,12 @@ def parse_slice(name: str) -> Slice:
       raise ValueError(f"--topology={name}: {g.accelerator_prefix} sizes count {unit} and are "
                        f"powers of two (" + ", ".join(f"{g.accelerator_prefix}-{n}"
                                                       for n in examples) + ", ...).")
-    return Slice(name, g, _torus_shape(chips, g.torus_dims))
+    shape = _torus_shape(chips, g.torus_dims)
+    if not _is_slice_shape(shape):
+      raise ValueError(f"--topology={name}: not a slice Cloud TPU offers; {g.accelerator_prefix} "
+                       f"sizes are " + ", ".join(f"{g.accelerator_prefix}-{a * b}"
+                                                 for a, b in _SHAPES_2D) + ".")
+    return Slice(name, g, shape)
   if match := re.fullmatch(r"(v\d[a-z]*):(\d+(?:x\d+)+)", name):
     prefix = match.group(1)
     g = GENERATIONS.get(_ALIASES.get(prefix, prefix))
@@ -173,6 +192,11 @@ def parse_slice(name: str) -> Slice:
       if shape[2] != 1:
         raise ValueError(f"--topology={name}: {g.name} is a 2D torus (e.g. {g.name}:4x4).")
       shape = shape[:2]
+    if not _is_slice_shape(shape):
+      shapes = (", ".join(f"{g.name}:{a}x{b}" for a, b in _SHAPES_2D) if g.torus_dims == 2 else
+                f"{g.name}:2x2x1, 2x2x2, 2x2x4, 2x4x4, then multiples of 4 (4x4x4, 4x4x8, ...)")
+      raise ValueError(f"--topology={name}: not a slice shape Cloud TPU offers; {g.name} slices "
+                       f"are {shapes}.")
     return Slice(name, g, shape)
   raise ValueError(f"--topology={name!r} is not {forms}.")
 
@@ -482,8 +506,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   config_flag = config_flags.DEFINE_config_file("config", None, "A pretraining config file.",
                                                 lock_config=True, flag_values=fv)
   topology = flags.DEFINE_string(
-      "topology", None, "Cloud TPU accelerator type (v4-32, v5p-64, v5litepod-16, v6e-64) or "
-      "topology (v5e:2x2).", flag_values=fv)
+      "topology", None, "Cloud TPU accelerator type (v4-32, v5p-64: TensorCores, 2 a chip; "
+      "v5litepod-16 or v5e-16, v6e-64: chips) or topology (v5e:2x2, v5p:2x2x4).",
+      flag_values=fv)
   hbm_gb = flags.DEFINE_float("hbm_gb", None, "HBM per chip in GB (default: the chip's).",
                               flag_values=fv)
   max_suggestions = flags.DEFINE_integer("max_suggestions", 2, "Fitting variants to find.",

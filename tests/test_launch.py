@@ -81,8 +81,7 @@ def test_tpu_dry_run_v4_32():
       "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_l.py",
       "--workdir=gs://bucket/vit_l", "--", "--config.input.batch_size=4096",
       "--config.note=it's a test")
-  assert notes[0] == ("# v4-32: 16 chips on 4 host(s) (4 TPU VM worker(s), one JAX process "
-                      "each).")
+  assert notes[0] == "# v4-32: 16 chips on 4 hosts (4 TPU VM workers, one JAX process each)."
   assert len(commands) == 4
   describe, create, install, run = commands
   assert describe == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "mae-v4",
@@ -105,7 +104,7 @@ def test_tpu_dry_run_v5e_256_queued(accelerator_type):
       f"--accelerator_type={accelerator_type}", "--queued", "--spot", "--branch=dev",
       "--repo=https://github.com/someone/mae_jax.git", "--config=configs/vit_h.py",
       "--workdir=gs://bucket/vit_h")
-  assert notes[0] == ("# v5litepod-256: 256 chips on 32 host(s) (64 TPU VM worker(s), one JAX "
+  assert notes[0] == ("# v5litepod-256: 256 chips on 32 hosts (64 TPU VM workers, one JAX "
                       "process each).")
   assert len(commands) == 5
   existing, create, describe, install, run = commands
@@ -257,6 +256,11 @@ def test_plan_decides_whether_the_slice_is_created(tmp_path, plan_status, extra,
 @pytest.mark.parametrize("args, message", [
     (["--zone=z", "--accelerator_type=v4-8"], "--name is required"),
     (["--name=n", "--zone=z", "--accelerator_type=v4"], "is not a TPU type"),
+    (["--name=n", "--zone=z", "--accelerator_type=v4-4"], "TensorCores (2 a chip): 8, 16"),
+    (["--name=n", "--zone=z", "--accelerator_type=v5litepod-2"], "1, 4, 8, 16, 32, 64, 128 or"),
+    (["--name=n", "--zone=z", "--accelerator_type=v6e-512"], "1, 4, 8, 16, 32, 64, 128 or"),
+    (["--name=n", "--zone=z", "--accelerator_type=v3-32", "--plan", "--config=c.py"],
+     "--plan compiles for v4, v5p, v5e (v5litepod) and v6e slices, not v3"),
     (["--name=n", "--zone=z", "--steps=create,train"], "'train' is not one of"),
     (["--name=n", "--zone=z", "--steps=install"], "--repo is required"),
     (["--name=n", "--zone=z", "--steps=run", "--config=c.py"], "--workdir is required"),

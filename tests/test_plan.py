@@ -59,6 +59,9 @@ def test_accelerator_names_give_chips_hosts_and_hbm(name, chips, hosts, workers,
 @pytest.mark.parametrize("name, message", [
     ("v4-6", "powers of two"), ("v4-4", "at least 8"), ("v5litepod-12", "powers of two"),
     ("v7x-8", "unknown TPU generation"), ("v5e:2x2x2", "2D torus"), ("tpu", "is not an"),
+    # Shapes Cloud TPU does not offer (its tables: v5e 1x1, 2x2, 2x4, 4x4, ... 16x16).
+    ("v5litepod-2", "not a slice"), ("v5litepod-512", "not a slice"), ("v5e:3x4", "not a slice"),
+    ("v5e:1x8", "not a slice"), ("v5p:1x1x1", "not a slice"), ("v4:2x2x3", "not a slice"),
 ])
 def test_bad_accelerator_names_say_what_is_accepted(name, message):
   with pytest.raises(ValueError, match=message):
