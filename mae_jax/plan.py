@@ -284,7 +284,24 @@ class Compiled:
   error: Optional[str] = None  # XLA's message when the compile itself ran out of memory
 
 
-_OOM = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]i?)B?\s+of\s+([\d.]+)([KMGT]i?)B?\s+hbm")
+# XLA's two ways of refusing a program too large for the chip: "Used 20.5G of 15.75G hbm"
+# (everything it holds at once) and "the total memory required for HLO temporaries (16.40G)
+# exceeds available HBM (15.75G)" (the temporaries alone; the arguments come on top).
+_OOM_USED = re.compile(r"[Uu]sed\s+([\d.]+)([KMGT])i?B?\s+of\s+[\d.]+[KMGT]i?B?\s+hbm")
+_OOM_TEMPS = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])i?B?\) exceeds available HBM")
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def refused_memory(message: str, arguments: int) -> Dict[str, float]:
+  """Per-chip bytes of a program XLA refused for want of HBM, from its message: `total` (and
+  `temporaries` where the message gives only those; `arguments`, the state and batch shards,
+  are added to them), inf when the message names no figure. XLA's G are 2^30 bytes."""
+  if used := _OOM_USED.search(message):
+    return dict(total=float(used.group(1)) * _BINARY[used.group(2)], temporaries=math.nan)
+  if temps := _OOM_TEMPS.search(message):
+    temporaries = float(temps.group(1)) * _BINARY[temps.group(2)]
+    return dict(total=arguments + temporaries, temporaries=temporaries)
+  return dict(total=math.inf, temporaries=math.nan)
 
 
 def step_arguments(config: ml_collections.ConfigDict, devices: Sequence[Any]
@@ -325,10 +342,8 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
     message = str(error)
     if "RESOURCE_EXHAUSTED" not in message and "hbm" not in message.lower():
       raise
-    used = _OOM.search(message)
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    total = (float(used.group(1)) * scale[used.group(2)[0]] if used else math.inf)
-    memory.update(total=total, temporaries=math.nan, outputs=math.nan, code=0)
+    memory.update(refused_memory(message, memory["state"] + memory["batch"]), outputs=math.nan,
+                  code=0)
     return Compiled(memory, time.perf_counter() - start, {}, error=message.splitlines()[0])
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_was_on)

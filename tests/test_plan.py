@@ -68,6 +68,25 @@ def test_bad_accelerator_names_say_what_is_accepted(name, message):
     plan.parse_slice(name)
 
 
+@pytest.mark.parametrize("message, total_gib, temporaries_gib", [
+    # Everything held at once.
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.", 20.5, None),
+    # The temporaries alone (libtpu 0.0.42, ViT-H/14 on v5litepod-32): the arguments add on.
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (16.40G) exceeds available HBM (15.75G).", 16.40 + 8.0, 16.40),
+    ("RESOURCE_EXHAUSTED: something else entirely", float("inf"), None),
+])
+def test_a_refused_program_s_memory_is_read_from_xla_s_message(message, total_gib,
+                                                               temporaries_gib):
+  memory = plan.refused_memory(message, arguments=8 * GIB)
+  assert memory["total"] == pytest.approx(total_gib * GIB)
+  if temporaries_gib is None:
+    assert np.isnan(memory["temporaries"])
+  else:
+    assert memory["temporaries"] == pytest.approx(temporaries_gib * GIB)
+
+
 def test_collectives_are_counted_with_their_bytes():
   hlo = """
   %all-gather-start.1 = (f32[128]{0}, f32[512]{0}) all-gather-start(f32[128]{0} %p), dimensions={0}
