@@ -4,12 +4,12 @@
 
 libtpu (`pip install -e '.[tpu]'`) compiles for a TPU topology with no TPU present
 (`jax.experimental.topologies`). This module checks the config against the slice's chip count
-and its TPU VM workers, one JAX process each (`mae_jax.train.validate_config`), builds the config's mesh over the slice's
-devices and compiles the trainer's own `jit_train_step` for them, then reports XLA's memory
-analysis per chip against the chip's HBM, the compile time, the collectives in the program and
-the model FLOPs. When the config does not fit, it compiles variants that trade time for memory
-(a larger fsdp axis, remat, scan, gradient accumulation) and prints the cheapest that fit as
-`--config.FIELD=VALUE` overrides.
+and its TPU VM workers, one JAX process each (`mae_jax.train.validate_config`), builds the
+config's mesh over the slice's devices and compiles the trainer's own `jit_train_step` for
+them, then reports XLA's memory analysis per chip against the chip's HBM, the compile time, the
+collectives in the program and the model FLOPs. When the config does not fit, it compiles
+variants that trade time for memory (a larger fsdp axis, remat, scan, gradient accumulation)
+and prints the cheapest that fit as `--config.FIELD=VALUE` overrides.
 
 Exit status: 0 fits, 1 does not fit, 2 usage error (bad topology, bad config, no libtpu). With
 status 0 or 1 the last line of the output is one JSON object (`topology`, `chips`, `device_kind`,
@@ -49,7 +49,7 @@ class Generation:
   hbm_bytes: int           # per chip
   bf16_tflops: float       # peak per chip
   torus_dims: int          # 3: a 3D torus (XxYxZ topologies), 2: a 2D one
-  single_host_chips: int   # the largest slice on one TPU VM; larger ones have 4-chip VMs
+  single_vm_chips: int     # the largest slice on one TPU VM; larger ones have 4-chip VMs
   chips_per_host: int      # chips on one physical host (the documentation's "hosts" column)
   chip_config: str         # libtpu's chip_config_name: "megacore" = one JAX device a chip
 
@@ -91,9 +91,9 @@ class Slice:
   @property
   def workers(self) -> int:
     """TPU VM workers (`gcloud ... ssh --worker=all` reaches each), one JAX process each:
-    one for a slice of up to `single_host_chips` chips, otherwise one per 4 chips."""
+    one for a slice of up to `single_vm_chips` chips, otherwise one per 4 chips."""
     g = self.generation
-    return 1 if self.chips <= g.single_host_chips else self.chips // 4
+    return 1 if self.chips <= g.single_vm_chips else self.chips // 4
 
   @property
   def topology(self) -> str:
@@ -150,11 +150,19 @@ _SHAPES_2D = ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))
 _SMALL_3D = ((1, 2, 2), (2, 2, 2), (2, 2, 4), (2, 4, 4))
 
 
-def _is_slice_shape(shape: Tuple[int, ...]) -> bool:
+def _checked_slice(name: str, g: Generation, shape: Tuple[int, ...]) -> Slice:
+  """The slice, or ValueError listing the generation's slices when Cloud TPU offers no such
+  shape (v5e:3x4, v5litepod-2, v5p:1x1x1)."""
   ordered = tuple(sorted(shape))
-  if len(shape) == 2:
-    return ordered in _SHAPES_2D
-  return ordered in _SMALL_3D or all(d % 4 == 0 for d in shape)
+  if ordered in (_SHAPES_2D if len(shape) == 2 else _SMALL_3D) or (
+      len(shape) == 3 and all(d % 4 == 0 for d in shape)):
+    return Slice(name, g, shape)
+  if g.torus_dims == 2:
+    shapes = ", ".join(f"{g.accelerator_prefix}-{a * b} ({g.name}:{a}x{b})" for a, b in _SHAPES_2D)
+  else:
+    shapes = (f"{g.name}:2x2x1, 2x2x2, 2x2x4, 2x4x4, then multiples of 4 (4x4x4, 4x4x8, ...)")
+  raise ValueError(f"--topology={name}: not a slice Cloud TPU offers; {g.name} slices are "
+                   f"{shapes}.")
 
 
 def parse_slice(name: str) -> Slice:
@@ -175,12 +183,7 @@ def parse_slice(name: str) -> Slice:
       raise ValueError(f"--topology={name}: {g.accelerator_prefix} sizes count {unit} and are "
                        f"powers of two (" + ", ".join(f"{g.accelerator_prefix}-{n}"
                                                       for n in examples) + ", ...).")
-    shape = _torus_shape(chips, g.torus_dims)
-    if not _is_slice_shape(shape):
-      raise ValueError(f"--topology={name}: not a slice Cloud TPU offers; {g.accelerator_prefix} "
-                       f"sizes are " + ", ".join(f"{g.accelerator_prefix}-{a * b}"
-                                                 for a, b in _SHAPES_2D) + ".")
-    return Slice(name, g, shape)
+    return _checked_slice(name, g, _torus_shape(chips, g.torus_dims))
   if match := re.fullmatch(r"(v\d[a-z]*):(\d+(?:x\d+)+)", name):
     prefix = match.group(1)
     g = GENERATIONS.get(_ALIASES.get(prefix, prefix))
@@ -192,12 +195,7 @@ def parse_slice(name: str) -> Slice:
       if shape[2] != 1:
         raise ValueError(f"--topology={name}: {g.name} is a 2D torus (e.g. {g.name}:4x4).")
       shape = shape[:2]
-    if not _is_slice_shape(shape):
-      shapes = (", ".join(f"{g.name}:{a}x{b}" for a, b in _SHAPES_2D) if g.torus_dims == 2 else
-                f"{g.name}:2x2x1, 2x2x2, 2x2x4, 2x4x4, then multiples of 4 (4x4x4, 4x4x8, ...)")
-      raise ValueError(f"--topology={name}: not a slice shape Cloud TPU offers; {g.name} slices "
-                       f"are {shapes}.")
-    return Slice(name, g, shape)
+    return _checked_slice(name, g, shape)
   raise ValueError(f"--topology={name!r} is not {forms}.")
 
 
