@@ -17,14 +17,16 @@ status 0 or 1 the last line of the output is one JSON object (`topology`, `chips
 GB here are 10^9 bytes.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
+import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -356,6 +358,28 @@ def compile_step(config: ml_collections.ConfigDict, tpu: Slice) -> Compiled:
   return Compiled(memory, compile_s, collectives(compiled.as_text()))
 
 
+@contextlib.contextmanager
+def heartbeat(log: Callable[[str], None], every_s: float, what: str) -> Iterator[None]:
+  """Logs `  still WHAT: N s` every `every_s` seconds while the body runs (a TPU compile of
+  ViT-H takes minutes with nothing else to show); `every_s` <= 0: silent."""
+  if every_s <= 0:
+    yield
+    return
+  done, start = threading.Event(), time.monotonic()
+
+  def beat():
+    while not done.wait(every_s):
+      log(f"  still {what}: {time.monotonic() - start:.0f} s")
+
+  thread = threading.Thread(target=beat, name="plan-heartbeat", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
 # --- variants that fit ----------------------------------------------------------------------
 
 def candidates(config: ml_collections.ConfigDict, tpu: Slice) -> Iterator[Dict[str, Any]]:
@@ -407,9 +431,10 @@ def as_flags(overrides: Dict[str, Any]) -> List[str]:
 # --- the report -------------------------------------------------------------------------------
 
 def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[int] = None,
-         max_suggestions: int = 2, max_compiles: int = 6,
+         max_suggestions: int = 2, max_compiles: int = 6, heartbeat_s: float = 30.0,
          log=lambda line: print(line, flush=True)) -> Dict[str, Any]:
   """Checks and compiles `config` for `tpu`; the JSON-ready report (see the module docstring).
+  Every compile logs a `still compiling` line each `heartbeat_s` seconds (0: none).
 
   Raises ValueError (from `train.validate_config`) when the config is wrong for the slice.
   """
@@ -429,7 +454,8 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
       f"at {height}x{width} px, batch {config.input.batch_size}, dtype {m.dtype}, mesh data="
       f"{config.mesh.data} fsdp={config.mesh.fsdp}, remat={m.remat} scan={m.scan}, "
       f"grad_accum_steps={config.optimizer.grad_accum_steps} ...")
-  result = compile_step(config, tpu)
+  with heartbeat(log, heartbeat_s, f"compiling for {tpu.accelerator_type}"):
+    result = compile_step(config, tpu)
   fits = _fits(result, hbm)
   mem = result.memory
   if result.error:
@@ -473,7 +499,8 @@ def plan(config: ml_collections.ConfigDict, tpu: Slice, *, hbm_bytes: Optional[i
           log(f"skipping {' '.join(as_flags(overrides))}: sharding the state cannot save enough")
           continue
       log(f"trying {' '.join(as_flags(overrides))} ...")
-      other = compile_step(variant, tpu)
+      with heartbeat(log, heartbeat_s, f"compiling {' '.join(as_flags(overrides))}"):
+        other = compile_step(variant, tpu)
       ok = _fits(other, hbm)
       tried.append({"overrides": as_flags(overrides), "memory_gb_per_chip":
                     _gb(other.memory["total"]), "fits": ok, "compile_s": other.compile_s})
@@ -528,6 +555,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          flag_values=fv)
   max_compiles = flags.DEFINE_integer("max_compiles", 6, "Variants to compile at most.",
                                       flag_values=fv)
+  heartbeat_s = flags.DEFINE_float("heartbeat_s", 30.0, "Seconds between the 'still "
+                                   "compiling' lines printed during each compile (0: none).",
+                                   flag_values=fv)
   argv = list(sys.argv if argv is None else argv)
   if any(arg in ("-h", "--help", "--helpshort", "--helpfull", "-?") for arg in argv[1:]):
     print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help())
@@ -542,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tpu = parse_slice(topology.value)
     result = plan(config_flag.value, tpu,
                   hbm_bytes=int(hbm_gb.value * GB) if hbm_gb.value else None,
-                  max_suggestions=max_suggestions.value, max_compiles=max_compiles.value)
+                  max_suggestions=max_suggestions.value, max_compiles=max_compiles.value,
+                  heartbeat_s=heartbeat_s.value)
   except (flags.Error, ValueError, ImportError) as error:
     print(f"mae_jax.plan: {error}", file=sys.stderr)
     print("usage: python -m mae_jax.plan --config=configs/X.py --topology=NAME "

@@ -5,8 +5,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -85,6 +87,19 @@ def test_a_refused_program_s_memory_is_read_from_xla_s_message(message, total_gi
     assert np.isnan(memory["temporaries"])
   else:
     assert memory["temporaries"] == pytest.approx(temporaries_gib * GIB)
+
+
+def test_heartbeat_logs_while_the_body_runs_and_stops_with_it():
+  lines = []
+  with plan.heartbeat(lines.append, 0.05, "compiling for v4-8"):
+    time.sleep(0.4)
+  count = len(lines)
+  assert count >= 3 and all(re.fullmatch(r"  still compiling for v4-8: \d+ s", l) for l in lines)
+  time.sleep(0.2)
+  assert len(lines) == count  # nothing after the body ended
+  with plan.heartbeat(lines.append, 0, "compiling"):
+    time.sleep(0.1)
+  assert len(lines) == count  # 0: silent
 
 
 def test_collectives_are_counted_with_their_bytes():
@@ -167,7 +182,7 @@ def first_plans(tmp_path_factory):
   chip and sharded over the 4 chips."""
   _needs_libtpu()
   cache = tmp_path_factory.mktemp("xla_cache")
-  demo, replicated, sharded = _plans(["--topology=v5e:2x2"], _SMALL,
+  demo, replicated, sharded = _plans(["--topology=v5e:2x2", "--heartbeat_s=2"], _SMALL,
                                      [*_SMALL, "--config.mesh.fsdp=4"],
                                      env={"JAX_COMPILATION_CACHE_DIR": str(cache)})
   return {"demo": demo, "replicated": replicated, "sharded": sharded, "cache": cache}
@@ -195,6 +210,10 @@ def test_demo_compiles_for_v5e_2x2_and_fits(demo_plan):
   assert memory["total"] == report["memory_gb_per_chip"] == pytest.approx(
       memory["arguments"] + memory["outputs"] + memory["temporaries"], abs=0.002)
   assert "params + optimizer state" in result.stdout and "images/s" in result.stdout
+  # A line every --heartbeat_s seconds while XLA compiles (the demo takes 20-70 s here).
+  beats = re.findall(r"^  still compiling for v5litepod-4: (\d+) s$", result.stdout, re.M)
+  assert beats and [int(b) for b in beats] == sorted(int(b) for b in beats), result.stdout
+  assert result.stdout.index("still compiling") < result.stdout.index("compiled in")
   assert "TPU" not in result.stderr.replace("TPU v5 lite", "")  # libtpu stays quiet
 
 
