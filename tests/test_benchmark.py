@@ -169,6 +169,7 @@ def test_train_flops_are_three_times_the_matmuls_the_model_runs(mask_ratio):
   assert 3 * _dot_flops(jaxpr.jaxpr) == 2 * train_flops_per_image(m, mask_ratio)
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # torch's side copies
 def test_cpu_ops_times_every_kind_of_operation_on_both_sides(capsys):
   from mae_jax.benchmarks import cpu_ops  # pylint: disable=g-import-not-at-top
   cpu_ops.main(["--rounds=1", "--reps=1", "--batch_size=2",

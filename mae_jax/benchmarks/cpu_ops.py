@@ -161,7 +161,7 @@ def _adamw(m) -> Dict[str, Callable]:
     state[0], state[1] = update(state[0], state[1], grads)
     return state[0]
 
-  tensors = [torch.nn.Parameter(torch.from_numpy(np.asarray(p)).clone())
+  tensors = [torch.nn.Parameter(torch.from_numpy(np.array(p)))
              for p in jax.tree.leaves(params)]
   decay = [p for p in tensors if p.ndim > 1]
   rest = [p for p in tensors if p.ndim <= 1]
