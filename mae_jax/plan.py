@@ -569,15 +569,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
     if config_flag.value is None or topology.value is None:
       raise flags.Error("--config and --topology are required.")
+    if hbm_gb.value is not None and hbm_gb.value <= 0:
+      raise flags.Error(f"--hbm_gb={hbm_gb.value:g}: give the HBM per chip in GB, more than 0 "
+                        f"(or leave the flag out for the chip's own).")
+    if heartbeat_s.value != 0 and heartbeat_s.value < 1:
+      raise flags.Error(f"--heartbeat_s={heartbeat_s.value:g}: give the seconds between the "
+                        f"'still compiling' lines, at least 1, or 0 for none.")
     tpu = parse_slice(topology.value)
     result = plan(config_flag.value, tpu,
-                  hbm_bytes=int(hbm_gb.value * GB) if hbm_gb.value else None,
+                  hbm_bytes=None if hbm_gb.value is None else int(hbm_gb.value * GB),
                   max_suggestions=max_suggestions.value, max_compiles=max_compiles.value,
                   heartbeat_s=heartbeat_s.value)
   except (flags.Error, ValueError, ImportError) as error:
     print(f"mae_jax.plan: {error}", file=sys.stderr)
     print("usage: python -m mae_jax.plan --config=configs/X.py --topology=NAME "
-          "[--config.FIELD=VALUE ...] [--hbm_gb=GB]", file=sys.stderr)
+          "[--config.FIELD=VALUE ...] [--hbm_gb=GB] [--heartbeat_s=S] [--max_suggestions=N] "
+          "[--max_compiles=N] (--help describes them)", file=sys.stderr)
     return 2
   print(json.dumps(result), flush=True)
   return 0 if result["fits"] else 1

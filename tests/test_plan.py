@@ -265,6 +265,21 @@ def test_usage_errors_exit_2_before_compiling(args, message):
   assert "compiling" not in result.stdout
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--hbm_gb=0", "--hbm_gb=0: give the HBM per chip in GB, more than 0"),
+    ("--hbm_gb=-16", "--hbm_gb=-16: give the HBM per chip in GB, more than 0"),
+    ("--heartbeat_s=-1", "--heartbeat_s=-1: give the seconds between"),
+    ("--heartbeat_s=0.001", "at least 1, or 0 for none"),
+])
+@pytest.mark.filterwarnings("ignore:the load_module")  # ml_collections loading the config file
+def test_flag_values_that_make_no_sense_exit_2_before_compiling(flag, message, capsys):
+  status = plan.main(["mae_jax.plan", f"--config={REPO}/configs/demo.py", "--topology=v5e:2x2",
+                      flag])
+  out, err = capsys.readouterr()
+  assert status == 2 and message in err and "--heartbeat_s=S" in err, err
+  assert "compiling" not in out
+
+
 def test_with_libtpu_installed_cpu_runs_start_quietly_on_the_cpu():
   _needs_libtpu()
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY")}
