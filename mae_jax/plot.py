@@ -89,8 +89,15 @@ def run_names(workdirs: Sequence[str]) -> List[str]:
 
 def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
   """Draws the runs of `workdirs` into `output` (default FIRST_WORKDIR/curves.png) and returns
-  its path. FileNotFoundError when a workdir has no metrics.jsonl rows."""
+  its path; a workdir listed twice is drawn once, with a warning. FileNotFoundError when a
+  workdir has no metrics.jsonl rows."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+  unique = list(dict.fromkeys(os.path.normpath(str(w)) for w in workdirs))
+  if len(unique) < len(workdirs):
+    logging.warning("A workdir was given more than once; each is drawn once: %s",
+                    " ".join(unique))
+    workdirs = unique
   runs = {}
   for name, workdir in zip(run_names(workdirs), workdirs):
     rows = writers.read_metrics(str(workdir))

@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+from absl import logging
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,6 +48,16 @@ def test_command_draws_several_runs_into_one_png(tmp_path):
     assert np.sum(np.all(pixels == colour, axis=-1)) > 100
   # Default output: the first workdir's curves.png.
   assert plot.write([str(tmp_path / "b")]) == str(tmp_path / "b" / plot.CURVES_FILE)
+
+
+def test_a_workdir_given_twice_is_drawn_once_with_a_warning(tmp_path, monkeypatch):
+  _run(tmp_path / "a", 30, 10, 2.0)
+  drawn, warnings = [], []
+  monkeypatch.setattr(plot, "figure_png", lambda runs: drawn.append(list(runs)) or b"png")
+  monkeypatch.setattr(logging, "warning", lambda *args: warnings.append(args[0] % args[1:]))
+  plot.write([str(tmp_path / "a"), f"{tmp_path / 'a'}/"])
+  assert drawn == [["a"]]  # one run, under its short name
+  assert warnings and "more than once" in warnings[0]
 
 
 def test_a_workdir_without_metrics_is_named(tmp_path):
