@@ -93,11 +93,14 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
   workdir has no metrics.jsonl rows."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  unique = list(dict.fromkeys(os.path.normpath(str(w)) for w in workdirs))
+  # normpath only compares: it would turn gs://bucket/run into gs:/bucket/run.
+  unique = {}
+  for workdir in workdirs:
+    unique.setdefault(os.path.normpath(str(workdir)), str(workdir))
   if len(unique) < len(workdirs):
+    workdirs = list(unique.values())
     logging.warning("A workdir was given more than once; each is drawn once: %s",
-                    " ".join(unique))
-    workdirs = unique
+                    " ".join(workdirs))
   runs = {}
   for name, workdir in zip(run_names(workdirs), workdirs):
     rows = writers.read_metrics(str(workdir))

@@ -58,6 +58,11 @@ def test_a_workdir_given_twice_is_drawn_once_with_a_warning(tmp_path, monkeypatc
   plot.write([str(tmp_path / "a"), f"{tmp_path / 'a'}/"])
   assert drawn == [["a"]]  # one run, under its short name
   assert warnings and "more than once" in warnings[0]
+  # A bucket path is read as given (os.path.normpath alone would make it gs:/bucket/run).
+  read = []
+  monkeypatch.setattr(writers, "read_metrics", lambda w: read.append(w) or [{"step": 1}])
+  plot.write(["gs://bucket/run", "gs://bucket/run/"], output=str(tmp_path / "c.png"))
+  assert read == ["gs://bucket/run"] and drawn[-1] == ["run"]
 
 
 def test_a_workdir_without_metrics_is_named(tmp_path):
