@@ -33,7 +33,9 @@ is a flat npz with "a/b/c" keys, the format of big_vision's `load_params`:
   [heads, head_dim]) and `out/kernel` [heads, head_dim, D], flax's DenseGeneral layout;
 - `Transformer/encoder_norm/{scale, bias}`; a fine-tuned classifier's `fc_norm` and `head` too.
   A global-pool classifier has no encoder_norm: the official one averages the un-normalized
-  tokens, then applies `fc_norm`, which a model must then do in that order.
+  tokens, then applies `fc_norm`, which a model must then do in that order. A linear probe's
+  head comes with its BatchNorm folded in (`fold_head_batchnorm`): a plain `head` Dense on the
+  cls token gives the probe's logits.
 The decoder and `mask_token` are left out. One difference remains for big_vision's own ViT: its
 MLP uses the tanh approximation of GELU, MAE the exact one.
 """
@@ -58,10 +60,26 @@ def _numpy_tree(tree) -> Params:
   return np.asarray(tree, np.float32)
 
 
-def to_big_vision(params: Params, num_heads: int, grid: Optional[tuple] = None) -> Params:
+def fold_head_batchnorm(head: Params, stats: Params, eps: float = 1e-6) -> Params:
+  """A linear probe's `head` Dense {kernel [D, K], bias [K]} with its BatchNorm in front of it
+  (running `stats` {mean, var} [D], no affine: main_linprobe.py's BatchNorm1d(affine=False,
+  eps=1e-6)) folded in, as one Dense: head((x - mean) / sqrt(var + eps)) = x @ kernel' + bias'
+  with kernel' = kernel / sqrt(var + eps)[:, None], bias' = bias - (mean / sqrt(var + eps)) @
+  kernel. float32, computed in float64."""
+  kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+  inv_std = 1.0 / np.sqrt(np.asarray(stats["var"], np.float64) + eps)
+  return {"kernel": (kernel * inv_std[:, None]).astype(np.float32),
+          "bias": (bias - (np.asarray(stats["mean"], np.float64) * inv_std) @ kernel
+                   ).astype(np.float32)}
+
+
+def to_big_vision(params: Params, num_heads: int, grid: Optional[tuple] = None,
+                  batch_stats: Optional[Params] = None) -> Params:
   """MAE or classifier params -> the encoder as a nested dict in big_vision's ViT layout.
 
   `grid` (patch rows, cols) is needed for MAE params, whose position table is not a param.
+  `batch_stats`: a linear probe's ({"head_norm": {"mean", "var"}}), folded into its `head`
+  (`fold_head_batchnorm`); a probe's head exported without them gives other logits.
   """
   from mae_jax.models import functional as F  # pylint: disable=g-import-not-at-top
   params = _numpy_tree(params)
@@ -104,6 +122,8 @@ def to_big_vision(params: Params, num_heads: int, grid: Optional[tuple] = None) 
   for extra in ("fc_norm", "head"):
     if extra in params:
       out[extra] = params[extra]
+  if "head" in out and (batch_stats or {}).get("head_norm"):
+    out["head"] = fold_head_batchnorm(out["head"], _numpy_tree(batch_stats["head_norm"]))
   return out
 
 
@@ -116,11 +136,11 @@ def _grid(config) -> Optional[tuple]:
 def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -> Params:
   """Writes the encoder of a workdir (pretraining, converted or fine-tuned) to `output`."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  params, config = checkpoint.load_params(workdir)
+  params, batch_stats, config = checkpoint.load_variables(workdir)
   heads = num_heads or (config.model.num_heads if config is not None else None)
   if heads is None:
     raise ValueError(f"{workdir} has no config.json: pass --num_heads")
-  encoder = to_big_vision(params, heads, _grid(config))
+  encoder = to_big_vision(params, heads, _grid(config), batch_stats)
   with open(output, "wb") as f:
     np.savez(f, **traverse_util.flatten_dict(encoder, sep="/"))
   return encoder
@@ -163,11 +183,11 @@ def load_encoder_params(path: str) -> Params:
   if checkpoint._is_npz(path):  # pylint: disable=protected-access
     with np.load(path) as f:
       return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
-  params, config = checkpoint.load_params(path)
+  params, batch_stats, config = checkpoint.load_variables(path)
   if config is None:
     raise ValueError(f"{path} has no config.json, so its head count is unknown: export it with "
                      "`python -m mae_jax.export --workdir=... --num_heads=N --output=...`")
-  return to_big_vision(params, config.model.num_heads, _grid(config))
+  return to_big_vision(params, config.model.num_heads, _grid(config), batch_stats)
 
 
 def transformers_limits(model_config, with_decoder: bool = True) -> Optional[str]:

@@ -154,3 +154,29 @@ def test_an_export_under_any_name_reads_back_and_serves_as_init_from(tmp_path):
   np.testing.assert_allclose(table[0], sincos_pos_embed_2d(64, (4, 4)), atol=1e-6)
   encoder = {k: v for k, v in params.items() if k in ("embedding", "cls", "Transformer")}
   jax.tree.map(np.testing.assert_array_equal, loaded, encoder)
+
+
+def test_a_linear_probe_exports_its_head_with_the_batchnorm_folded_in(tmp_path):
+  # A linear probe's head sees BatchNorm(features) (running statistics, no affine): exported
+  # without them, the head would give other logits in any model that loads it.
+  kwargs = dict(num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                global_pool=False, head_batchnorm=True, dtype="float32")
+  model = VisionTransformer(**kwargs)
+  images = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  params = _random_params(variables["params"], 5)
+  rng = np.random.default_rng(6)
+  stats = {"head_norm": {"mean": rng.normal(0, 1, 64).astype(np.float32),
+                         "var": rng.uniform(0.01, 4, 64).astype(np.float32)}}
+  config = config_lib.linprobe_config("vit_b")
+  config.model = config_lib.classifier_model_config("vit_b", **kwargs)
+  workdir, npz = str(tmp_path / "probe"), str(tmp_path / "probe.npz")
+  checkpoint.save_params(workdir, params, config, batch_stats=stats)
+  expected = model.apply({"params": params, "batch_stats": stats}, images)
+  vit = BigVisionViT(patch=8, width=64, depth=2, num_heads=4)
+  for encoder in (export.export_workdir(workdir, npz), mae_jax.load_encoder_params(npz),
+                  mae_jax.load_encoder_params(workdir)):
+    tokens = jax.jit(vit.apply)({"params": {k: v for k, v in encoder.items() if k != "head"}},
+                                images)
+    logits = tokens[:, 0] @ encoder["head"]["kernel"] + encoder["head"]["bias"]
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
