@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from mae_jax import augment
 from mae_jax import checkpoint
 from mae_jax import config_checks
+from mae_jax import convert
 from mae_jax import loss_scale
 from mae_jax import models
 from mae_jax import optim
@@ -105,6 +106,25 @@ def _global_array(value: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
 
 # Parts of a classifier that a pretrained encoder lacks by nature: they start fresh.
 _NEW_PARTS = ("head", "fc_norm")
+# Parts of a pretrained model that a classifier leaves unused by nature: the MAE decoder, the
+# final norm that a global-pool classifier drops (as the official code deletes it) and the
+# fc_norm of a global-pool classifier probed on its cls token.
+_UNUSED_PARTS = convert.DECODER_PARAMS + ("fc_norm", "Transformer/encoder_norm")
+
+
+def _unplaced(extra) -> list:
+  """The pretrained params (paths "a/b/c") of `extra` that no part of the classifier takes and
+  that are not unused by nature (`_UNUSED_PARTS`): e.g. the last blocks of a deeper encoder,
+  named per block."""
+  names = []
+  for path in extra:
+    parts = path.split("/")
+    if parts[0] in _UNUSED_PARTS or "/".join(parts[:2]) in _UNUSED_PARTS:
+      continue
+    name = "/".join(parts[:2]) if parts[0] == "Transformer" else path
+    if name not in names:
+      names.append(name)
+  return names
 
 
 def start_params(config: ml_collections.ConfigDict, params: Params, target: Params,
@@ -114,9 +134,10 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   init_from is a workdir, step folder, converted checkpoint or exported encoder npz
   (checkpoint.load_variables). A new head (and `fc_norm`) and an unused decoder are expected;
   anything else that does not fit (params of other shapes: another patch size or width; encoder
-  parts missing: another depth; other attention heads) is a ValueError listing each, unless
-  `config.init_partial=True` asks for a partial start (those params then keep their fresh
-  init, listed in the log). A linear probe's BatchNorm statistics come along with its head.
+  parts missing or left over: another depth; other attention heads) is a ValueError listing
+  each, unless `config.init_partial=True` asks for a partial start (those params then keep
+  their fresh init, listed in the log). A linear probe's BatchNorm statistics come along with
+  its head.
   """
   if not config.init_from:
     logging.warning("config.init_from is empty: training from a random init.")
@@ -138,6 +159,10 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   problems += [f"{m} has another shape" for m in report["mismatched"]]
   problems += [f"{m} is missing" for m in report["missing"]
                if m.split("/")[0] not in _NEW_PARTS]
+  unplaced = _unplaced(report["extra"])
+  if unplaced:
+    problems.append(f"{', '.join(unplaced)} in the checkpoint have no place in this model (a "
+                    "deeper or other encoder: check config.model.depth)")
   if problems and not config.get("init_partial", False):
     raise ValueError(
         f"config.init_from={config.init_from!r} does not fit config.model: "

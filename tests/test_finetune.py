@@ -197,6 +197,16 @@ def test_init_from_of_another_model_is_an_error_listing_it_unless_a_partial_star
     assert "init_partial=True" in str(e)
   params, _ = _start(_config("finetune", init_from=str(tmp_path / "p8"), init_partial=True))
   assert params["embedding"]["kernel"].shape == (4, 4, 3, 32)
+  # A deeper encoder: its last blocks would be dropped without a word.
+  _pretrained_workdir(tmp_path / "d3", depth=3)
+  try:
+    _start(_config("finetune", init_from=str(tmp_path / "d3")))
+    raise AssertionError("a start from a deeper encoder passed")
+  except ValueError as e:
+    assert ("Transformer/encoderblock_1, Transformer/encoderblock_2 in the checkpoint have no "
+            "place in this model") in str(e)
+    assert "init_partial=True" in str(e)
+  _start(_config("finetune", init_from=str(tmp_path / "d3"), init_partial=True))
   # Other heads: no shape shows them, the saved config does.
   _pretrained_workdir(tmp_path / "h4", num_heads=4)
   try:
