@@ -40,7 +40,8 @@ The decoder and `mask_token` are left out. One difference remains for big_vision
 MLP uses the tanh approximation of GELU, MAE the exact one.
 """
 
-from typing import Any, Dict, Optional, Tuple
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 from flax import traverse_util
@@ -133,16 +134,70 @@ def _grid(config) -> Optional[tuple]:
   return patch_grid(config.model.img_size, config.model.patch_size)
 
 
+def check_output(output: str, directory: bool) -> None:
+  """ValueError, before anything is read or written, when `output` cannot be written: a file
+  (`directory=False`, the npz) that names a directory, a directory (transformers) that names a
+  file, or a path below a file. Folders that do not exist yet are fine: they are made."""
+  kind = "directory" if directory else "file"
+  other = "--format=transformers" if not directory else "the default --format=npz"
+  if os.path.isdir(output) and not directory:
+    raise ValueError(f"--output={output} is a directory, but the npz format writes one file: "
+                     f"name a file (such as {os.path.join(output, 'encoder.npz')}), or use "
+                     f"{other} to write a directory")
+  if os.path.exists(output) and not os.path.isdir(output) and directory:
+    raise ValueError(f"--output={output} is a file, but --format=transformers writes a "
+                     "directory (model.safetensors, config.json): name a new or existing "
+                     f"directory, or use {other} to write one file")
+  parent = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"--output={output} cannot be a {kind}: {parent} is not a directory")
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"--output={output} cannot be written: {parent} is not writable")
+
+
+def _heads(workdir: str, config, num_heads: Optional[int]) -> int:
+  """The attention heads to split the kernels by: the config's; `num_heads` must agree."""
+  if config is None:
+    if num_heads is None:
+      raise ValueError(f"{workdir} has no config.json: pass --num_heads")
+    return num_heads
+  heads = config.model.num_heads
+  if num_heads is not None and num_heads != heads:
+    raise ValueError(f"--num_heads={num_heads}, but the model in {workdir} has {heads} heads "
+                     "(its config.json): leave --num_heads out")
+  return heads
+
+
+def _write_whole(output: str, write: Callable[[str], None]) -> None:
+  """`write(path)` to a temporary file beside `output`, then renamed onto it: a crash or a full
+  disk never leaves half a file, nor destroys an earlier `output`."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  temporary = f"{output}.tmp-{os.getpid()}"
+  try:
+    write(temporary)
+    os.replace(temporary, output)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def _savez(path: str, arrays: Dict[str, np.ndarray]) -> None:
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
 def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -> Params:
-  """Writes the encoder of a workdir (pretraining, converted or fine-tuned) to `output`."""
+  """Writes the encoder of a workdir (pretraining, converted or fine-tuned) to `output` (an
+  npz; missing folders made; an existing file replaced whole). ValueError for an output that
+  cannot be written (`check_output`, before anything is read) or a `num_heads` that differs
+  from the workdir's config; `num_heads` is needed only without one."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  check_output(output, directory=False)
   params, batch_stats, config = checkpoint.load_variables(workdir)
-  heads = num_heads or (config.model.num_heads if config is not None else None)
-  if heads is None:
-    raise ValueError(f"{workdir} has no config.json: pass --num_heads")
-  encoder = to_big_vision(params, heads, _grid(config), batch_stats)
-  with open(output, "wb") as f:
-    np.savez(f, **traverse_util.flatten_dict(encoder, sep="/"))
+  encoder = to_big_vision(params, _heads(workdir, config, num_heads), _grid(config), batch_stats)
+  _write_whole(output, lambda path: _savez(path, traverse_util.flatten_dict(encoder, sep="/")))
   return encoder
 
 
@@ -250,24 +305,30 @@ def to_transformers(params: Params, config) -> Tuple[Dict[str, np.ndarray], Dict
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, hf_config
 
 
-def export_transformers(workdir: str, output: str) -> Dict[str, np.ndarray]:
+def export_transformers(workdir: str, output: str, num_heads: Optional[int] = None
+                        ) -> Dict[str, np.ndarray]:
   """Writes OUTPUT/model.safetensors and OUTPUT/config.json (see the module docstring) from a
-  workdir's params; returns the state dict."""
+  workdir's params (missing folders made; earlier files replaced whole); returns the state
+  dict. ValueError as for `export_workdir`."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  check_output(output, directory=True)
   params, config = checkpoint.load_params(workdir)
   if config is None:
     raise ValueError(f"{workdir} has no config.json: transformers' config needs the model's "
                      "fields (heads, sizes)")
+  _heads(workdir, config, num_heads)
   sd, hf_config = to_transformers(params, config)
-  os.makedirs(output, exist_ok=True)
   weights, hf_json = os.path.join(output, "model.safetensors"), os.path.join(output, "config.json")
-  save_file(sd, weights, metadata={"format": "pt"})
-  with open(hf_json, "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+  _write_whole(weights, lambda path: save_file(sd, path, metadata={"format": "pt"}))
+
+  def write_json(path):
+    with open(path, "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+
+  _write_whole(hf_json, write_json)
   # safetensors writes through a private temporary file (mode 600): the weights take the mode of
   # config.json, written as any file is, so that whoever may read one can read the other.
   shutil.copymode(hf_json, weights)
@@ -279,7 +340,7 @@ def main(argv) -> None:
   a transformers ViTMAE directory."""
   del argv
   if _FORMAT.value == "transformers":
-    sd = export_transformers(_WORKDIR.value, _OUTPUT.value)
+    sd = export_transformers(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
     print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "
           f"{sum(v.size for v in sd.values()):,} numbers")
     return
@@ -299,5 +360,6 @@ if __name__ == "__main__":
   _FORMAT = flags.DEFINE_enum("format", "npz", ["npz", "transformers"],
                               "npz: the encoder, big_vision layout; transformers: ViTMAE.")
   _NUM_HEADS = flags.DEFINE_integer("num_heads", None,
-                                    "Attention heads (default: the workdir's config).")
+                                    "Attention heads: needed only for a workdir without a "
+                                    "config.json; otherwise the config's (another is refused).")
   app.run(main)

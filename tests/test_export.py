@@ -180,3 +180,54 @@ def test_a_linear_probe_exports_its_head_with_the_batchnorm_folded_in(tmp_path):
                                 images)
     logits = tokens[:, 0] @ encoder["head"]["kernel"] + encoder["head"]["bias"]
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_checks_its_output_and_heads_first_and_never_leaves_half_a_file(tmp_path,
+                                                                               monkeypatch):
+  params = _mae_params()
+  config = config_lib.pretrain_config("vit_b")
+  config.model = MODEL
+  workdir = str(tmp_path / "pretrain")
+  checkpoint.save_params(workdir, params, config)
+  (tmp_path / "a_file").write_text("not a directory")
+  read = checkpoint.load_variables
+
+  def not_read(*_, **__):
+    raise AssertionError("the checkpoint was read before the output was checked")
+
+  monkeypatch.setattr(checkpoint, "load_variables", not_read)
+  bad_outputs = [(export.export_workdir, str(tmp_path), "is a directory"),
+                 (export.export_workdir, str(tmp_path / "a_file" / "x.npz"), "not a directory"),
+                 (export.export_transformers, str(tmp_path / "a_file"), "is a file"),
+                 (export.export_transformers, str(tmp_path / "a_file" / "hf"), "not a directory")]
+  for function, output, message in bad_outputs:
+    try:
+      function(workdir, output)
+      raise AssertionError(f"{function.__name__} to {output} passed")
+    except ValueError as e:
+      assert message in str(e) and output in str(e), str(e)
+  monkeypatch.setattr(checkpoint, "load_variables", read)
+  # Heads other than the ones the params were trained with would split the kernels wrongly.
+  for function in (export.export_workdir, export.export_transformers):
+    try:
+      function(workdir, str(tmp_path / "out"), num_heads=2)
+      raise AssertionError("--num_heads=2 for a 4-head model passed")
+    except ValueError as e:
+      assert "--num_heads=2, but" in str(e) and "4 heads" in str(e), str(e)
+  assert not (tmp_path / "out").exists()
+  # Missing folders are made; a failed write keeps the earlier file whole, with no leftovers.
+  npz = tmp_path / "new" / "dir" / "encoder.npz"
+  written = export.export_workdir(workdir, str(npz), num_heads=4)
+  before = npz.read_bytes()
+
+  def disk_full(*_, **__):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(np, "savez", disk_full)
+  try:
+    export.export_workdir(workdir, str(npz))
+    raise AssertionError("the failed write passed")
+  except OSError:
+    pass
+  assert npz.read_bytes() == before and os.listdir(npz.parent) == ["encoder.npz"]
+  jax.tree.map(np.testing.assert_array_equal, mae_jax.load_encoder_params(str(npz)), written)
