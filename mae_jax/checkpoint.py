@@ -454,7 +454,11 @@ def _loss_scale_afresh(path: epath.Path, items: Dict[str, Any], abstract_state) 
 def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict, *,
                 batch_stats: Optional[Params] = None) -> None:
   """Writes WORKDIR/params (Orbax), a linear probe's WORKDIR/batch_stats and
-  WORKDIR/config.json, replacing earlier ones."""
+  WORKDIR/config.json, replacing earlier ones (an earlier batch_stats that these params lack
+  is removed first: it belongs to another model)."""
+  stale = epath.Path(absolute(workdir)) / BATCH_STATS
+  if not batch_stats and stale.exists() and jax.process_index() == 0:
+    stale.rmtree()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(epath.Path(absolute(workdir)) / PARAMS, params, force=True)
   if batch_stats:

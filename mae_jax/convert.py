@@ -8,7 +8,9 @@ ViTMAE.
 `--torch_checkpoint`: an official `.pth` (pretrained, fine-tuned or linear-probed), a
 transformers ViTMAE checkpoint (a `save_pretrained` directory, `model.safetensors` or
 `pytorch_model.bin`: `ViTMAEForPreTraining`, or `ViTMAEModel` as an encoder-only checkpoint,
-with the `config.json` beside it when there is one), or an `.npz` of official keys.
+with the `config.json` beside it when there is one), or an `.npz` of official keys. A `.pth`
+holds the state dict under "model" (as the official code saves it) or is the state dict itself;
+`module.` and `_orig_mod.` prefixes are dropped.
 
 The checkpoint's own facts win over a config's guess: the model fields its arrays fix (patch
 size, channels, widths, depths, MLP ratio, the patch grid from the length of its position
@@ -86,10 +88,32 @@ _HF_QKV = re.compile(r"^(.*)\.attention\.(?:attention\.(query|key|value)|([qkv])
 _HF_MARK = "embeddings.patch_embeddings.projection.weight"
 
 
-def _to_numpy(x) -> np.ndarray:
+def _to_numpy(x, key: str = "") -> np.ndarray:
   if hasattr(x, "detach"):  # a torch tensor
     x = x.detach().cpu().float().numpy()
+  if not hasattr(x, "shape"):
+    raise ValueError(f"{key!r} holds a {type(x).__name__}, not an array: a state dict maps "
+                     f"names to tensors; the official checkpoints keep theirs under 'model'")
   return np.asarray(x, dtype=np.float32)
+
+
+def state_dict_of(checkpoint: Any, source: str = "the checkpoint") -> Mapping[str, Any]:
+  """The state dict in what `torch.load` returned: its "model" entry (as the official
+  main_pretrain.py / main_finetune.py save it, beside "optimizer", "epoch", ...), or the
+  checkpoint itself when every entry is an array. ValueError naming what it holds otherwise."""
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict (a dict "
+                     f"of tensors, or a dict with one under 'model' as the official code saves)")
+  if isinstance(checkpoint.get("model"), Mapping):
+    return checkpoint["model"]
+  nested = [k for k, v in checkpoint.items() if isinstance(v, Mapping)]
+  if nested:
+    raise ValueError(
+        f"{source} has no 'model' entry, where the official code keeps the state dict; its "
+        f"entries are {sorted(map(str, checkpoint))[:10]}. If one of {nested[:5]} is the "
+        f"model's state dict, save it as the official code does: "
+        f"torch.save({{'model': ckpt[{nested[0]!r}]}}, PATH)")
+  return checkpoint
 
 
 def is_transformers(state_dict: Mapping[str, Any]) -> bool:
@@ -107,9 +131,9 @@ def official_from_transformers(state_dict: Mapping[str, Any]) -> Dict[str, np.nd
     m = _HF_QKV.match(key)
     if m:
       part = (m.group(2) or m.group(3))[0]  # "q", "k" or "v"
-      qkv.setdefault((m.group(1), m.group(4)), {})[part] = _to_numpy(value)
+      qkv.setdefault((m.group(1), m.group(4)), {})[part] = _to_numpy(value, key)
     else:
-      sd[key] = _to_numpy(value)
+      sd[key] = _to_numpy(value, key)
   for (prefix, kind), parts in qkv.items():
     missing = sorted({"q", "k", "v"} - set(parts))
     if missing:
@@ -157,10 +181,14 @@ def transformers_from_official(state_dict: Mapping[str, np.ndarray]) -> Dict[str
 
 
 def _official(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """Any supported state dict with official key names (no `module.` prefix), as float32 numpy."""
+  """Any supported state dict (or a checkpoint holding one under "model") with official key
+  names, as float32 numpy. Wrappers' prefixes are dropped: `module.` (DistributedDataParallel,
+  DataParallel) and `_orig_mod.` (torch.compile)."""
+  state_dict = state_dict_of(state_dict)
   if is_transformers(state_dict):
     return official_from_transformers(state_dict)
-  return {re.sub(r"^module\.", "", k): _to_numpy(v) for k, v in state_dict.items()}
+  return {re.sub(r"^(?:module\.|_orig_mod\.)+", "", k): _to_numpy(v, k)
+          for k, v in state_dict.items()}
 
 
 def _set(tree: Params, path, value) -> None:
@@ -171,12 +199,10 @@ def _set(tree: Params, path, value) -> None:
   tree[path[-1]] = value
 
 
-def _put(tree: Params, sd: Mapping[str, np.ndarray], prefix: str, path, kind: str,
-         used: set) -> None:
+def _put(tree: Params, sd: Mapping[str, np.ndarray], prefix: str, path, kind: str) -> None:
   if f"{prefix}.weight" not in sd:
     return
   w, b = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"]
-  used.update({f"{prefix}.weight", f"{prefix}.bias"})
   if kind == "norm":
     _set(tree, path + ("scale",), w)
   else:
@@ -193,51 +219,82 @@ def _is_classifier(sd: Mapping[str, Any]) -> bool:
   return "head.weight" in sd or "head.1.weight" in sd
 
 
+def check_keys(sd: Mapping[str, Any]) -> None:
+  """ValueError unless the official-keyed `sd` holds the keys of models_mae.py's or
+  models_vit.py's model and no others: naming the keys missing (a damaged or partial state
+  dict, attention without biases) and the keys mae_jax has no counterpart for (another
+  architecture: a distillation token, a convolutional stem, ...)."""
+  if "patch_embed.proj.weight" not in sd:
+    raise ValueError("not an official MAE/ViT state dict: it has no 'patch_embed.proj.weight' "
+                     f"(its keys start with {sorted(sd)[:5]}); mae_jax converts the models of "
+                     "the official models_mae.py and models_vit.py, and transformers' ViTMAE")
+  missing = [k for k in ("patch_embed.proj.bias", "cls_token") if k not in sd]
+  known = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "mask_token",
+           *_IGNORED, *_PROBE_STATS}
+  pairs = [prefix for prefix, _, _ in _TOP_MAP]
+  for stack in _STACKS:
+    for i in range(_depth(sd, stack)):
+      for suffix in ["attn.qkv"] + [suffix for suffix, _, _ in _BLOCK_MAP]:
+        missing += [f"{stack}.{i}.{suffix}.{kind}" for kind in ("weight", "bias")
+                    if f"{stack}.{i}.{suffix}.{kind}" not in sd]
+        known.update({f"{stack}.{i}.{suffix}.weight", f"{stack}.{i}.{suffix}.bias"})
+  for prefix in pairs:
+    both = {f"{prefix}.weight", f"{prefix}.bias"}
+    known.update(both)
+    if both & set(sd):
+      missing += sorted(both - set(sd))
+  if any(k in sd for k in _PROBE_STATS):
+    missing += [k for k in _PROBE_STATS if k not in sd]
+  unknown = sorted(set(sd) - known)
+  problems = []
+  if missing:
+    problems.append(f"missing {missing[:10]} (a damaged or partial state dict; MAE's attention "
+                    f"and every linear layer have biases)")
+  if unknown:
+    problems.append(f"keys with no counterpart in MAE's ViT {unknown[:10]} (another "
+                    f"architecture than the official models_mae.py / models_vit.py)")
+  if problems:
+    raise ValueError("not an official MAE/ViT state dict that mae_jax can convert: "
+                     + "; ".join(problems))
+
+
 def params_from_torch(state_dict: Mapping[str, Any], scan: bool = False) -> Params:
   """Official (or transformers ViTMAE) key names -> params tree (unrolled, or scanned with
   `scan=True`).
 
-  Accepts numpy arrays or torch tensors, with or without a `module.` prefix. An encoder-only
+  Accepts numpy arrays or torch tensors, with or without a `module.` prefix, or the whole
+  checkpoint of the official code (the state dict under "model"). An encoder-only
   dict (the released `mae_pretrain_vit_*.pth`, a ViTMAEModel) gives encoder params only; a
   fine-tuned one also gives `fc_norm`, `head` and its learned `pos_embedding`; a linear-probed
   one (`head.0` BatchNorm, `head.1` Linear) `head` (its statistics: `batch_stats_from_torch`).
-  Unknown keys are a ValueError, not silently dropped.
+  Missing and unknown keys are a ValueError naming them (`check_keys`), not silently dropped.
   """
   sd = _official(state_dict)
-  if "patch_embed.proj.weight" not in sd:
-    raise ValueError("not an official MAE/ViT state dict: 'patch_embed.proj.weight' is missing "
-                     f"(keys start with {sorted(sd)[:5]}); pass torch.load(path)['model']")
-  used = set((_IGNORED | set(_PROBE_STATS)) & set(sd))
+  check_keys(sd)
   params: Params = {}
   w = sd["patch_embed.proj.weight"]  # [D, C, p, p]
   _set(params, ("embedding", "kernel"), w.transpose(2, 3, 1, 0))
   _set(params, ("embedding", "bias"), sd["patch_embed.proj.bias"])
   _set(params, ("cls",), sd["cls_token"])
-  used.update({"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token"})
   if "mask_token" in sd:
     _set(params, ("mask_token",), sd["mask_token"])
-    used.add("mask_token")
   if _is_classifier(sd) and "pos_embed" in sd:
     # A fine-tuned classifier trained its position table: keep it (the classifier's param).
     _set(params, ("pos_embedding",), sd["pos_embed"])
   for prefix, path, kind in _TOP_MAP:
-    _put(params, sd, prefix, path, kind, used)
+    _put(params, sd, prefix, path, kind)
   for stack, (outer, block) in _STACKS.items():
     for i in range(_depth(sd, stack)):
       base = (outer, f"{block}_{i}")
       pre = f"{stack}.{i}"
       qkv_w, qkv_b = sd[f"{pre}.attn.qkv.weight"], sd[f"{pre}.attn.qkv.bias"]
-      used.update({f"{pre}.attn.qkv.weight", f"{pre}.attn.qkv.bias"})
       d = qkv_w.shape[1]
       for j, name in enumerate(("query", "key", "value")):
         attn = base + ("MultiHeadDotProductAttention_0", name)
         _set(params, attn + ("kernel",), qkv_w[j * d:(j + 1) * d].T)
         _set(params, attn + ("bias",), qkv_b[j * d:(j + 1) * d])
       for suffix, path, kind in _BLOCK_MAP:
-        _put(params, sd, f"{pre}.{suffix}", base + path, kind, used)
-  unknown = sorted(set(sd) - used)
-  if unknown:
-    raise ValueError(f"official keys with no mae_jax counterpart: {unknown[:10]}")
+        _put(params, sd, f"{pre}.{suffix}", base + path, kind)
   params = _copy_arrays(params)
   return unrolled_to_scan(params) if scan else params
 
@@ -379,6 +436,7 @@ def checkpoint_facts(state_dict: Mapping[str, Any],
   ValueError for what mae_jax's models cannot represent (non-square patches, another activation,
   attention without biases, a position table that is not MAE's fixed one)."""
   sd = _official(state_dict)
+  check_keys(sd)
   facts: Dict[str, Fact] = {}
   d, c, ph, pw = np.shape(sd["patch_embed.proj.weight"])
   src = _shape(sd, "patch_embed.proj.weight")
@@ -426,10 +484,15 @@ def checkpoint_facts(state_dict: Mapping[str, Any],
 
 
 def _check_fixed_table(sd, key: str, grid: Tuple[int, int]) -> None:
-  """MaskedAutoencoder recomputes its position tables: refuse a file whose table is another."""
+  """MaskedAutoencoder recomputes its position tables: refuse a file whose table is another.
+  A file saved in half precision holds the table rounded to float16 or bfloat16: that is the
+  fixed table too."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   table = np.asarray(sd[key])[0]
   expected = F.sincos_pos_embed_2d(table.shape[-1], grid)
-  if table.shape != expected.shape or not np.allclose(table, expected, atol=1e-4):
+  if table.shape != expected.shape or not any(
+      np.allclose(table, expected.astype(dtype).astype(np.float32), atol=1e-4)
+      for dtype in (np.float32, np.float16, jnp.bfloat16)):
     raise ValueError(f"{_shape(sd, key)} is not MAE's fixed 2D sin-cos table of a "
                      f"{grid[0]}x{grid[1]} grid, which MaskedAutoencoder recomputes; a learned "
                      f"table would be lost")
@@ -517,15 +580,14 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
-def _read_torch(path: str) -> Dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch: pip install -e '.[torch]' (or save the "
-                      "state dict as .npz or .safetensors elsewhere)") from e
-  ckpt = torch.load(path, map_location="cpu", weights_only=False)
-  sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-  return {k: v.detach().cpu().float().numpy() for k, v in sd.items()}
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _read_torch(path: str) -> Any:
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _weights_file(directory: str) -> str:
@@ -551,11 +613,34 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
       out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard)))
     return out
   if path.endswith(".npz"):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if path.endswith(".safetensors"):
-    return _read_safetensors(path)
-  return _read_torch(path)
+    reader, kind = _read_npz, "numpy .npz file"
+  elif path.endswith(".safetensors"):
+    reader, kind = _read_safetensors, ".safetensors file"
+  else:
+    reader, kind = _read_torch, "PyTorch checkpoint (torch.save)"
+    try:
+      import torch  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ImportError(f"reading {path} needs torch: pip install -e '.[torch]' (or save the "
+                        "state dict as .npz or .safetensors elsewhere)") from e
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint file")
+  try:
+    checkpoint = reader(path)
+  except (FileNotFoundError, PermissionError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # re-raised, naming the file
+    detail = " ".join(str(e).split())
+    if len(detail) > 200:
+      detail = detail[:200].rsplit(" ", 1)[0] + " ..."
+    elif not detail.endswith("."):
+      detail += "."
+    raise ValueError(
+        f"{path} ({os.path.getsize(path):,} bytes) does not read as a {kind}: "
+        f"{type(e).__name__}: {detail} A file cut short (an "
+        f"interrupted download or copy) or another kind of file fails like this: compare its "
+        f"size with the original's and fetch it again.") from e
+  return {k: _to_numpy(v, k) for k, v in state_dict_of(checkpoint, path).items()}
 
 
 def load_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
@@ -628,6 +713,22 @@ def checked_conversion(state_dict: Mapping[str, Any], config=None,
   return params, batch_stats, config
 
 
+def check_target(workdir: str) -> None:
+  """ValueError when `workdir` holds a training run (its checkpoints, lock or metrics): a
+  conversion there would replace the run's config.json and set params beside its checkpoints.
+  An earlier conversion's params/ may be replaced."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint, writers  # pylint: disable=g-import-not-at-top
+  root = epath.Path(checkpoint.absolute(workdir))
+  found = [name for name in (checkpoint.CHECKPOINTS, checkpoint.LOCK, writers.METRICS_FILE)
+           if (root / name).exists()]
+  if found:
+    raise ValueError(f"--workdir={workdir} holds a training run ({', '.join(found)}): "
+                     f"converting into it would replace that run's config.json. Convert into "
+                     f"a new --workdir, and start from it with --config.init_from=DIR or by "
+                     f"running mae_jax.main on it.")
+
+
 def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
                        hf_config: Optional[Mapping[str, Any]] = None, source: str = "state dict"):
   """Writes a state dict's params (and batch_stats) and config into `workdir` once every check
@@ -636,7 +737,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
   from absl import logging  # pylint: disable=g-import-not-at-top
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  params, batch_stats, config = checked_conversion(state_dict, config, hf_config)
+  check_target(workdir)
+  try:
+    params, batch_stats, config = checked_conversion(state_dict, config, hf_config)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from e
   checkpoint.save_params(workdir, params, config, batch_stats=batch_stats)
   kind = ("classifier" if "head" in params else
           "full (encoder + decoder)" if "decoder_pred" in params else "encoder-only")
@@ -647,6 +752,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
 
 def convert(torch_checkpoint: str, workdir: str, config=None):
   """Converts a checkpoint file or directory (see the module docstring) into `workdir`."""
+  check_target(workdir)  # before reading a file of gigabytes
   state_dict, hf_config = load_checkpoint(torch_checkpoint)
   return convert_state_dict(state_dict, workdir, config, hf_config, source=torch_checkpoint)
 

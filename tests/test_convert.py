@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from mae_jax import checkpoint, config_lib, convert
 from mae_jax.models import from_config
@@ -135,3 +136,137 @@ def test_official_linear_probe_checkpoints_convert_with_their_batchnorm_statisti
   assert set(back) == set(sd)
   for key in sd:
     np.testing.assert_array_equal(back[key], sd[key])
+
+
+def _classifier_state_dict(global_pool=True):
+  config = config_lib.finetune_config("vit_b")
+  config.model = config_lib.classifier_model_config(
+      "vit_b", num_classes=5, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+      global_pool=global_pool, dtype="float32")
+  model = classifier_from_config(config.model)
+  params = _random(jax.eval_shape(model.init, jax.random.key(0),
+                                  jnp.zeros((1, 32, 32, 3)))["params"], 2)
+  return convert.params_to_torch(params), params, config
+
+
+def test_files_that_are_not_checkpoints_are_refused_naming_the_file_and_the_fix(tmp_path):
+  """A truncated download, another kind of file or another layout: a ValueError that names the
+  file and what to do (once an UnpicklingError, EOFError, AttributeError or zip error)."""
+  sd, _ = _official_mae()
+  good = tmp_path / "good.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 3}, good)
+  data = good.read_bytes()
+  np.savez(tmp_path / "good.npz", **sd)
+  files = {
+      "cut.pth": data[:len(data) // 2],
+      "cut.npz": (tmp_path / "good.npz").read_bytes()[:1000],
+      "empty.pth": b"",
+      "text.pth": b"hello world\n",
+      "text.safetensors": b"hello world\n",
+  }
+  for name, content in files.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name} \(\d[\d,]* bytes\) does not read as a .*"
+                                         r"compare its size with the original's"):
+      convert.convert(str(tmp_path / name), str(tmp_path / "w"), _pretrain_config())
+  torch.save([1, 2, 3], tmp_path / "list.pth")
+  with pytest.raises(ValueError, match=r"list.pth holds a list, not a state dict"):
+    convert.convert(str(tmp_path / "list.pth"), str(tmp_path / "w"), _pretrain_config())
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 1},
+             tmp_path / "other_layout.pth")
+  with pytest.raises(ValueError, match=r"has no 'model' entry.*\['epoch', 'state_dict'\].*"
+                                       r"torch.save\(\{'model': ckpt\['state_dict'\]\}"):
+    convert.convert(str(tmp_path / "other_layout.pth"), str(tmp_path / "w"), _pretrain_config())
+  with pytest.raises(FileNotFoundError, match="missing.pth: no such checkpoint file"):
+    convert.convert(str(tmp_path / "missing.pth"), str(tmp_path / "w"), _pretrain_config())
+  assert not (tmp_path / "w").exists()
+
+
+def test_other_architectures_and_missing_keys_are_named_not_a_key_error():
+  """Every entry point (facts, params, the checked conversion) names the keys that are missing
+  or have no counterpart, before any grid or shape is read from them."""
+  sd, _ = _official_mae()
+  classifier, _, ft_config = _classifier_state_dict()
+  resnet = {"conv1.weight": np.zeros((8, 3, 7, 7), np.float32),
+            "bn1.running_mean": np.zeros(8, np.float32), "fc.weight": np.zeros((5, 8))}
+  deit = dict(classifier, dist_token=np.zeros((1, 1, 32), np.float32),
+              **{"head_dist.weight": np.zeros((5, 32), np.float32),
+                 "head_dist.bias": np.zeros(5, np.float32)})
+  deit["pos_embed"] = np.zeros((1, 18, 32), np.float32)  # a row for the distillation token
+  no_qkv_bias = {k: v for k, v in sd.items() if not k.endswith("attn.qkv.bias")}
+  cases = [
+      (resnet, _pretrain_config(), r"no 'patch_embed.proj.weight' \(its keys start with "
+                                   r"\['bn1.running_mean', 'conv1.weight', 'fc.weight'\]"),
+      (deit, ft_config, r"no counterpart in MAE's ViT \['dist_token', 'head_dist.bias', "
+                        r"'head_dist.weight'\] \(another architecture"),
+      ({k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"}, _pretrain_config(),
+       r"missing \['blocks.1.mlp.fc2.bias'\] \(a damaged or partial state dict"),
+      ({k: v for k, v in sd.items() if k != "blocks.0.attn.qkv.weight"}, _pretrain_config(),
+       r"missing \['blocks.0.attn.qkv.weight'\]"),
+      (no_qkv_bias, _pretrain_config(), r"missing \['blocks.0.attn.qkv.bias', "
+                                        r"'blocks.1.attn.qkv.bias', 'decoder_blocks.0"),
+      ({k: v for k, v in sd.items() if k != "norm.bias"}, _pretrain_config(),
+       r"missing \['norm.bias'\]"),
+  ]
+  for state_dict, config, message in cases:
+    for call in (lambda: convert.checked_conversion(state_dict, config),
+                 lambda: convert.params_from_torch(state_dict),
+                 lambda: convert.checkpoint_facts(state_dict)):
+      with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_official_checkpoint_layouts_convert_as_the_bare_state_dict(tmp_path):
+  """{'model': sd, 'optimizer', 'epoch', 'args', ...} as main_pretrain.py saves it, keys from
+  a DistributedDataParallel or torch.compile wrapper, the whole checkpoint given to
+  params_from_torch: the same params as the bare state dict."""
+  sd, params = _official_mae()
+  tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+  layouts = {
+      "official": {"model": tensors, "optimizer": {"state": {}}, "epoch": 3, "scaler": {}},
+      "ddp": {"model": {f"module.{k}": v for k, v in tensors.items()}, "epoch": 3},
+      "compiled": {"model": {f"_orig_mod.{k}": v for k, v in tensors.items()}},
+      "bare": tensors,
+  }
+  for name, ckpt in layouts.items():
+    torch.save(ckpt, tmp_path / f"{name}.pth")
+    got, _, _ = convert.convert(str(tmp_path / f"{name}.pth"), str(tmp_path / name),
+                                _pretrain_config())
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+  jax.tree.map(np.testing.assert_array_equal, convert.params_from_torch(layouts["official"]),
+               params)
+
+
+def test_a_file_saved_in_half_precision_keeps_its_fixed_position_tables():
+  """float16 / bfloat16 files hold the sin-cos tables rounded: still MAE's fixed tables (once
+  refused as 'a learned table would be lost'); a table that is another is still refused."""
+  sd, _ = _official_mae()
+  for dtype in (np.float16, jnp.bfloat16):
+    half = {k: np.asarray(v).astype(dtype) for k, v in sd.items()}
+    params, _, _ = convert.checked_conversion(half, _pretrain_config())
+    np.testing.assert_allclose(params["cls"], sd["cls_token"], atol=2e-2)
+    half["decoder_pos_embed"] = (sd["decoder_pos_embed"] * 0.9).astype(dtype)
+    with pytest.raises(ValueError, match="decoder_pos_embed .* is not MAE's fixed"):
+      convert.checked_conversion(half, _pretrain_config())
+
+
+def test_convert_refuses_a_training_workdir_and_replaces_an_earlier_conversion(tmp_path):
+  """Converting into a training run's workdir once replaced its config.json silently; into an
+  earlier conversion it replaces that one whole, leaving no linear probe's statistics behind."""
+  sd, _ = _official_mae()
+  run = tmp_path / "run"
+  (run / "checkpoints" / "10").mkdir(parents=True)
+  (run / "config.json").write_text('{"mode": "pretrain"}')
+  with pytest.raises(ValueError, match=r"holds a training run \(checkpoints\).*new --workdir"):
+    convert.convert_state_dict(sd, str(run), _pretrain_config())
+  assert (run / "config.json").read_text() == '{"mode": "pretrain"}'
+  assert not (run / "params").exists()
+  probe_sd, _, _ = _probe_state_dict()
+  out = tmp_path / "w"
+  convert.convert_state_dict(probe_sd, str(out), _linprobe_config())
+  assert (out / "batch_stats").is_dir()
+  classifier, params, ft_config = _classifier_state_dict(global_pool=False)
+  convert.convert_state_dict(classifier, str(out), ft_config)
+  got, stats, config = checkpoint.load_variables(str(out))
+  assert not (out / "batch_stats").exists() and not stats and config.mode == "finetune"
+  jax.tree.map(np.testing.assert_array_equal, got, params)
