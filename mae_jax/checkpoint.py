@@ -285,8 +285,7 @@ def _read_description(path: epath.Path) -> Tuple[Optional[Dict[str, Any]], Any]:
   saved = None
   if (path / "config").exists():
     saved = _saved_config(path)
-  # The handler, not a Checkpointer: it needs no step metadata inside the item (no warning).
-  return saved, ocp.StandardCheckpointHandler().metadata(path / PARAMS).tree
+  return saved, _item_tree(path / PARAMS)
 
 
 def _summary(error: BaseException) -> str:
@@ -558,6 +557,13 @@ def _verify_item(item: epath.Path) -> None:
     verify_checksums(item.parent, under=item.name)
 
 
+def _item_tree(item_dir: epath.Path) -> Any:
+  """The array metadata tree of one saved item (params/, batch_stats/). Read through the
+  handler: a Checkpointer's metadata() also looks for a step's _CHECKPOINT_METADATA, which the
+  items of a training step do not have, and warns that it is missing for every sound one."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
+
+
 def load_variables(path: str, *, target: Any = None, optional: Sequence[str] = ()
                    ) -> Tuple[Params, Params, Optional[ml_collections.ConfigDict]]:
   """(params, batch_stats, config or None) from a workdir's newest training checkpoint or its
@@ -586,7 +592,7 @@ def load_variables(path: str, *, target: Any = None, optional: Sequence[str] = (
   for params_dir, read_config in _params_candidates(path):
     checkpointer = ocp.StandardCheckpointer()
     try:
-      stored = checkpointer.metadata(params_dir).item_metadata.tree
+      stored = _item_tree(params_dir)
       if target is None:
         want = _on_one_device(stored)
       else:
@@ -601,8 +607,7 @@ def load_variables(path: str, *, target: Any = None, optional: Sequence[str] = (
       batch_stats = {}
       if (stats_dir / "_METADATA").exists():
         _verify_item(stats_dir)
-        batch_stats = checkpointer.restore(stats_dir, _on_one_device(
-            checkpointer.metadata(stats_dir).item_metadata.tree))
+        batch_stats = checkpointer.restore(stats_dir, _on_one_device(_item_tree(stats_dir)))
       config = read_config() if read_config else None
     except WrongModelError:
       raise

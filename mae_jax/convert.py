@@ -760,6 +760,8 @@ def convert(torch_checkpoint: str, workdir: str, config=None):
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.convert`: a released checkpoint -> a workdir that mae_jax starts from."""
   del argv
+  from mae_jax import writers  # pylint: disable=g-import-not-at-top
+  writers.show_own_info_logs()
   convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value)
 
 

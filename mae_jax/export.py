@@ -339,6 +339,8 @@ def main(argv) -> None:
   """`python -m mae_jax.export`: a workdir's encoder -> a big_vision-layout npz, or its model ->
   a transformers ViTMAE directory."""
   del argv
+  from mae_jax import writers  # pylint: disable=g-import-not-at-top
+  writers.show_own_info_logs()
   if _FORMAT.value == "transformers":
     sd = export_transformers(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
     print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "

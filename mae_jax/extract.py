@@ -164,8 +164,7 @@ def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.extract`: a workdir's features of a labeled split -> an npz."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)
+  writers.show_own_info_logs()
   distributed.initialize()
   features, labels, dataset, split = extract(
       checkpoint.absolute(_WORKDIR.value), split=_SPLIT.value, dataset=_DATASET.value,

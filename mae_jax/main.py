@@ -13,7 +13,6 @@ status 2, before anything is compiled or written.
 
 import difflib
 import importlib.util
-import logging as std_logging
 import os
 import re
 import sys
@@ -21,7 +20,6 @@ from typing import List, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -31,6 +29,7 @@ from mae_jax import distributed
 from mae_jax.input_pipeline.decode import DatasetMismatch
 from mae_jax import finetune
 from mae_jax import train
+from mae_jax import writers
 
 CONFIG_DOCS = "docs/configs.md"
 USAGE_ERROR = 2  # the exit status of a wrong command line or config, as absl's own
@@ -43,15 +42,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 _JOBS = {"pretrain": train.train_and_evaluate, "finetune": finetune.train_and_evaluate,
          "linprobe": finetune.train_and_evaluate}
-
-
-def _show_own_info_logs() -> None:
-  """INFO lines of mae_jax on stderr; other libraries' from WARNING up (Orbax alone logs every
-  file it writes at INFO)."""
-  logging.set_stderrthreshold(logging.INFO)
-  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(package))
 
 
 def _usage_error(message: str) -> None:
@@ -145,8 +135,7 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["stderrthreshold"].present:
-    _show_own_info_logs()
+  writers.show_own_info_logs()
   config = _CONFIG.value
   if config.get("mode") not in _JOBS:
     _usage_error(f"config.mode={config.get('mode')!r} is not one of {sorted(_JOBS)}.")

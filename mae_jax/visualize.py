@@ -28,6 +28,7 @@ from PIL import ImageDraw
 
 from mae_jax import config_lib
 from mae_jax import models
+from mae_jax import writers
 from mae_jax.models import functional as F
 
 IMAGENET_MEAN = np.array(config_lib.IMAGENET_MEAN, np.float32)
@@ -242,9 +243,7 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
 
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.visualize`: a reconstruction PNG from a workdir's params."""
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax reports every file it reads at INFO
+  writers.show_own_info_logs()
   paths = list(_IMAGES.value or []) + list(argv[1:])  # `--images a.jpg b.png` also works
   model_config = _CONFIG.value.model if _CONFIG.value is not None else None
   bands = [int(b) for b in _BANDS.value] if _BANDS.value else None

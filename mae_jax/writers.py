@@ -253,3 +253,18 @@ class _AboveBar:
 
   def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
     return getattr(self._stream, name)
+
+
+def show_own_info_logs() -> None:
+  """The logging of mae_jax's command lines: mae_jax's INFO lines on stderr, other libraries'
+  from WARNING up (Orbax alone logs every file it reads or writes at INFO, TFDS every dataset
+  it opens). Left alone when --verbosity or --stderrthreshold is given."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
+  if flags.FLAGS["verbosity"].present or flags.FLAGS["stderrthreshold"].present:
+    return
+  logging.set_verbosity(logging.INFO)
+  logging.set_stderrthreshold(logging.INFO)
+  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(package))

@@ -1,6 +1,7 @@
 """mae_jax.checkpoint: params-only checkpoints and the training checkpoints' layout."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -61,7 +62,8 @@ def test_load_params_refuses_a_target_of_other_shapes_naming_the_param(tmp_path)
     checkpoint.load_params(str(tmp_path), target=target)
 
 
-def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(tmp_path):
+def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(tmp_path,
+                                                                                caplog):
   config = config_lib.pretrain_config("vit_b")
   config.seed = 7
   mngr = checkpoint.manager(str(tmp_path), keep=2)
@@ -69,7 +71,10 @@ def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(
     checkpoint.save(mngr, _state(_params(step), step), config)
   mngr.wait_until_finished()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6", "9"]
-  params, loaded_config = checkpoint.load_params(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    params, loaded_config = checkpoint.load_params(str(tmp_path))
+  # A sound checkpoint reads without a warning (init_from, export, visualize, extract).
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   jax.tree.map(np.testing.assert_array_equal, params, _params(9))
   assert loaded_config.seed == 7
   params, _ = checkpoint.load_params(str(tmp_path / "checkpoints" / "6"))

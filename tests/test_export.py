@@ -94,6 +94,8 @@ def test_exported_npz_gives_the_mae_encoder_features_in_a_big_vision_vit(tmp_pat
   out = subprocess.run([sys.executable, "-m", "mae_jax.export", f"--workdir={workdir}",
                         f"--output={npz}"], capture_output=True, text=True, env=env, check=True)
   assert "wrote" in out.stdout
+  # Orbax's INFO lines (every file it reads) stay out of the command's output.
+  assert "checkpointer.py" not in out.stderr and "event_tracking.py" not in out.stderr, out.stderr
   with np.load(npz) as f:
     keys = set(f.files)
     assert f["Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/kernel"].shape == (
