@@ -132,14 +132,20 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   """(params, batch_stats) to start from: fresh ones with `config.init_from`'s merged in.
 
   init_from is a workdir, step folder, converted checkpoint or exported encoder npz
-  (checkpoint.load_variables). A new head (and `fc_norm`) and an unused decoder are expected;
-  anything else that does not fit (params of other shapes: another patch size or width; encoder
-  parts missing or left over: another depth; other attention heads) is a ValueError listing
-  each, unless `config.init_partial=True` asks for a partial start (those params then keep
-  their fresh init, listed in the log). A linear probe's BatchNorm statistics come along with
-  its head.
+  (checkpoint.load_variables). A new head (and `fc_norm`; a head of another class count is
+  replaced too, as main_finetune.py does) and an unused decoder are expected; anything else
+  that does not fit (params of other shapes: another patch size or width; encoder parts missing
+  or left over: another depth; other attention heads) is a ValueError listing each, unless
+  `config.init_partial=True` asks for a partial start (those params then keep their fresh init,
+  listed in the log). A linear probe's BatchNorm statistics come along with its head. With
+  `config.eval_only`, a head that is not loaded (or no init_from) is a ValueError.
   """
   if not config.init_from:
+    if config.get("eval_only", False):
+      raise ValueError("config.eval_only=True evaluates a trained classifier, but "
+                       "config.init_from is empty and the workdir has no checkpoint: set "
+                       "--config.init_from to a fine-tuned or linear-probing workdir (or a "
+                       "converted official classifier).")
     logging.warning("config.init_from is empty: training from a random init.")
     return params, batch_stats
   pretrained, pretrained_stats, source_config = checkpoint.load_variables(config.init_from)
@@ -156,7 +162,10 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
       grid=models.patch_grid(config.model.img_size, config.model.patch_size))
   problems = checkpoint.unseen_model_differences(source_config, config, pretrained,
                                                  config.init_from)
-  problems += [f"{m} has another shape" for m in report["mismatched"]]
+  # A head of another shape (a classifier fine-tuned for other classes) starts fresh, as
+  # main_finetune.py drops it ("Removing key head.weight from pretrained checkpoint").
+  problems += [f"{m} has another shape" for m in report["mismatched"]
+               if not m.startswith("head/")]
   problems += [f"{m} is missing" for m in report["missing"]
                if m.split("/")[0] not in _NEW_PARTS]
   unplaced = _unplaced(report["extra"])
@@ -175,8 +184,19 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
       logging.info("  %s (%d): %s", kind, len(report[kind]), ", ".join(report[kind]))
   if problems:
     logging.warning("config.init_partial: a partial start, fresh where %s", "; ".join(problems))
+  if any(m.startswith("head/") for m in report["mismatched"]):
+    logging.info("  a new head for config.model.num_classes=%d: the checkpoint's head has "
+                 "another number of classes.", config.model.num_classes)
   head_loaded = "head/kernel" not in report["missing"] and not any(
       m.startswith("head/") for m in report["mismatched"])
+  if config.get("eval_only", False) and not head_loaded:
+    found = ("has no head (a pretraining checkpoint)" if "head" not in pretrained else
+             f"has a head of {np.shape(pretrained['head']['bias'])[0]} classes")
+    raise ValueError(f"config.eval_only=True evaluates the head of config.init_from, but "
+                     f"{config.init_from} {found}, and config.model.num_classes="
+                     f"{config.model.num_classes}: a fresh head would score chance. Set "
+                     "--config.init_from to a classifier of this dataset's classes, or "
+                     "fine-tune (eval_only=False).")
   place = lambda tree, like: jax.tree.map(
       lambda v, t: v if isinstance(v, jax.Array) else _global_array(v, t), tree, like)
   if pretrained_stats and batch_stats and head_loaded and jax.tree.map(

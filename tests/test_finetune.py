@@ -207,6 +207,28 @@ def test_init_from_of_another_model_is_an_error_listing_it_unless_a_partial_star
             "place in this model") in str(e)
     assert "init_partial=True" in str(e)
   _start(_config("finetune", init_from=str(tmp_path / "d3"), init_partial=True))
+  # A classifier fine-tuned for another number of classes: its head starts fresh, as the
+  # official main_finetune.py drops a head of another shape; the rest is loaded and checked.
+  state = _fresh_state("finetune")
+  classes7 = jax.device_get(state.params)
+  classes7 = {**classes7, "head": {"kernel": np.ones((32, 7), np.float32),
+                                   "bias": np.ones((7,), np.float32)}}
+  checkpoint.save_params(str(tmp_path / "c7"), classes7,
+                         _config("finetune", **{"model.num_classes": 7}))
+  params, _ = _start(_config("finetune", init_from=str(tmp_path / "c7")))
+  assert params["head"]["kernel"].shape == (32, 10)
+  np.testing.assert_array_equal(params["head"]["kernel"], state.params["head"]["kernel"])
+  np.testing.assert_array_equal(params["cls"], classes7["cls"])
+  # Evaluating only is evaluating a trained head: a fresh one would score chance, silently.
+  checkpoint.save_params(str(tmp_path / "c10"), jax.device_get(state.params), _config("finetune"))
+  _start(_config("finetune", init_from=str(tmp_path / "c10"), eval_only=True))
+  for source, what in (("", "config.init_from is empty"), (str(tmp_path / "c7"), "7 classes"),
+                       (str(tmp_path / "d3"), "has no head")):
+    try:
+      _start(_config("finetune", init_from=source, eval_only=True, init_partial=True))
+      raise AssertionError(f"eval_only from {source!r} passed")
+    except ValueError as e:
+      assert "config.eval_only=True" in str(e) and what in str(e), str(e)
   # Other heads: no shape shows them, the saved config does.
   _pretrained_workdir(tmp_path / "h4", num_heads=4)
   try:
