@@ -144,6 +144,9 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
           f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
           f"{device_count} devices and {process_count} processes; use a multiple of "
           f"{device_count}.")
+  seed = config.get("seed", 0)
+  check(_is_int(seed) and 0 <= seed < 2**63,
+        f"config.seed={seed!r} must be an integer in [0, 2**63).")
   check(config.total_steps >= 0, f"config.total_steps={config.total_steps} must be >= 0 "
         f"(0 = derive it from config.num_epochs).")
   check(config.total_steps > 0 or config.num_epochs > 0,
@@ -235,6 +238,10 @@ def monitor_problems(config: ml_collections.ConfigDict, *, device_count: int,
 def _classifier_problems(config: ml_collections.ConfigDict) -> List[str]:
   m, o = config.model, config.optimizer
   errors = []
+  if not 0.0 <= m.drop_path < 1.0:
+    errors.append(f"config.model.drop_path={m.drop_path} must lie in [0, 1): the rate of "
+                  f"dropping a block's residual branch (the recipe's 0.1 / 0.2 / 0.3 for B / L "
+                  f"/ H).")
   if m.scan and m.drop_path:
     errors.append("config.model.scan=True cannot use drop path (its rate grows with depth): "
                   "set config.model.scan=False or config.model.drop_path=0.")
@@ -250,6 +257,23 @@ def _classifier_problems(config: ml_collections.ConfigDict) -> List[str]:
     problem = augment.rand_augment_problem(a, m.in_chans)
     if problem:
       errors.append(problem)
+    if a.rand_augment:
+      try:
+        augment.parse_rand_augment(a.rand_augment, a.get("rand_augment_ops", "all"))
+      except ValueError as e:
+        errors.append(f"config.{e} (the recipe: rand_augment='rand-m9-mstd0.5-inc1', '' for "
+                      f"none; rand_augment_ops='all').")
+    ranges = [("smoothing", 0.0, 1.0, False, "the recipe's 0.1"),
+              ("reprob", 0.0, 1.0, True, "a probability; the recipe's 0.25"),
+              ("mixup_prob", 0.0, 1.0, True, "a probability; the recipe's 1.0"),
+              ("mixup_switch_prob", 0.0, 1.0, True, "a probability; the recipe's 0.5")]
+    for name, low, high, closed, hint in ranges:
+      if name in a and not (low <= a[name] <= high if closed else low <= a[name] < high):
+        errors.append(f"config.augment.{name}={a[name]} must lie in [{low:g}, {high:g}"
+                      f"{']' if closed else ')'} ({hint}).")
+    for name in ("mixup", "cutmix"):
+      if name in a and a[name] < 0:
+        errors.append(f"config.augment.{name}={a[name]} must be >= 0 (a Beta alpha; 0 = off).")
     batch = config.input.batch_size
     if (a.mixup or a.cutmix) and _is_int(batch) and batch % 2:
       errors.append(f"config.input.batch_size={config.input.batch_size} must be even for "

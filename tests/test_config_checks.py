@@ -85,6 +85,36 @@ def test_every_wrong_field_of_a_finetuning_config_is_listed_at_once(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_fields_once_checked_late_or_never_are_refused_before_anything_is_written(tmp_path):
+  """A negative seed failed in the input pipeline after the workdir was written; a RandAugment
+  string with an unknown section failed while the step was traced; a drop path, label smoothing
+  or probability outside its range trained without a word."""
+  config = _classifier_config("finetune", **{
+      "seed": -1, "augment.rand_augment": "rand-m9-foo", "model.drop_path": 1.5,
+      "augment.smoothing": 1.5, "augment.reprob": 2.0, "augment.mixup": -0.8,
+      "augment.mixup_switch_prob": -0.1})
+  with pytest.raises(config_checks.ConfigError) as e:
+    finetune.train_and_evaluate(config, str(tmp_path / "run"))
+  for message in ("config.seed=-1 must be an integer in [0, 2**63)",
+                  "config.augment.rand_augment 'rand-m9-foo': unknown section 'foo'",
+                  "config.model.drop_path=1.5 must lie in [0, 1)",
+                  "config.augment.smoothing=1.5 must lie in [0, 1)",
+                  "config.augment.reprob=2.0 must lie in [0, 1]",
+                  "config.augment.mixup=-0.8 must be >= 0",
+                  "config.augment.mixup_switch_prob=-0.1 must lie in [0, 1]"):
+    assert message in str(e.value), str(e.value)
+  assert len(e.value.problems) == 7, e.value.problems
+  assert not (tmp_path / "run").exists()
+  ops = _classifier_config("finetune", **{"augment.rand_augment": "rand-m9-mstd0.5-inc1",
+                                          "augment.rand_augment_ops": "colour"})
+  pretrain = config_lib.pretrain_config("vit_b")
+  pretrain.seed = -3
+  for config, message in ((ops, "config.augment.rand_augment_ops='colour' is not one of"),
+                          (pretrain, "config.seed=-3 must be an integer")):
+    with pytest.raises(ValueError, match=message):
+      config_checks.validate_config(config, device_count=1, process_count=1)
+
+
 def test_the_same_validator_serves_every_job():
   assert train.validate_config is finetune.validate_config is config_checks.validate_config
   pretrain = config_lib.pretrain_config("vit_b")
