@@ -330,6 +330,13 @@ def _check_same_model(path: epath.Path, saved: Optional[Dict[str, Any]],
   advice = (f"Use a new --workdir for this config, or set those fields back to the checkpoint's "
             f"(its whole config is in {path}/config/metadata).")
   if saved is not None and config is not None:
+    old_mode, new_mode = saved.get("mode", "pretrain"), config.get("mode", "pretrain")
+    if old_mode != new_mode:  # e.g. fine-tuning into the pretraining's own workdir
+      workdir = path.parent.parent
+      start = (f", with --config.init_from={workdir} to start from this {old_mode} run"
+               if new_mode != "pretrain" else "")
+      raise WrongModelError(f"{path} is a checkpoint of a {old_mode} run, and this config is a "
+                            f"{new_mode} one: give the {new_mode} run its own --workdir{start}.")
     model, other = config_changes(saved, config)
     if model:
       raise WrongModelError(f"{path} is a checkpoint of another model than this config's: "

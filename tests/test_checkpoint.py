@@ -190,3 +190,16 @@ def test_a_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path, capl
   lock_file.write_text(json.dumps(record))  # someone else's now: release leaves it alone
   lock.release()
   assert json.loads(lock_file.read_text())["host"] == "tpu-worker-7"
+
+
+def test_a_workdir_of_another_mode_is_refused_saying_to_start_from_it(tmp_path):
+  # The usual slip: fine-tuning into the pretraining's own workdir.
+  pretrain = config_lib.pretrain_config("vit_b")
+  saved = json.loads(pretrain.to_json_best_effort())
+  step = tmp_path / "checkpoints" / "30"
+  with pytest.raises(checkpoint.WrongModelError) as e:
+    checkpoint._check_same_model(step, saved, config_lib.finetune_config("vit_b"), {}, {})
+  message = str(e.value)
+  assert message.startswith(f"{step} is a checkpoint of a pretrain run, and this config is a "
+                            "finetune one"), message
+  assert f"--config.init_from={tmp_path}" in message and "set those fields back" not in message
