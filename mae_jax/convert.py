@@ -430,9 +430,12 @@ def _shape(sd, key) -> str:
 
 
 def checkpoint_facts(state_dict: Mapping[str, Any],
-                     hf_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Fact]:
-  """The model config fields (`config.model` names) that a state dict's arrays fix, and the head
-  counts and image size of a transformers `config.json`; `img_size` is the grid's size in pixels.
+                     hf_config: Optional[Mapping[str, Any]] = None,
+                     recorded: Optional[Mapping[str, Any]] = None) -> Dict[str, Fact]:
+  """The model config fields (`config.model` names) that a state dict's arrays fix, the head
+  counts and image size of a transformers `config.json`, and the `norm_pix_loss` of a
+  decoder that the official flags saved with it record (`recorded`, see `recorded_args`: the
+  target the decoder learned to predict); `img_size` is the grid's size in pixels.
   ValueError for what mae_jax's models cannot represent (non-square patches, another activation,
   attention without biases, a position table that is not MAE's fixed one)."""
   sd = _official(state_dict)
@@ -453,6 +456,9 @@ def checkpoint_facts(state_dict: Mapping[str, Any],
                                       _shape(sd, "decoder_embed.weight"))
     n = _depth(sd, "decoder_blocks")
     facts["decoder_depth"] = Fact(n, f"decoder_blocks.0-{n - 1}")
+    if "norm_pix_loss" in (recorded or {}):
+      facts["norm_pix_loss"] = Fact(bool(recorded["norm_pix_loss"]),
+                                    "args.norm_pix_loss, saved by main_pretrain.py")
   if _is_classifier(sd):
     head = "head.1.weight" if "head.1.weight" in sd else "head.weight"
     facts["num_classes"] = Fact(np.shape(sd[head])[0], _shape(sd, head))
@@ -602,6 +608,21 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   """The state dict of a checkpoint file or directory, its own key names, float32 numpy: an
   official `.pth` (its "model" entry), an `.npz`, a `.safetensors`, a `pytorch_model.bin`, a
   sharded one's `*.index.json`, or a save_pretrained directory."""
+  return _load(path)[0]
+
+
+def recorded_args(checkpoint: Any) -> Dict[str, Any]:
+  """The model fields that the official main_pretrain.py's saved flags (`args`, an
+  argparse.Namespace beside "model") record and the arrays do not fix: {"norm_pix_loss": bool}
+  when present, else {} (the released files keep "model" only)."""
+  args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
+  fields = vars(args) if hasattr(args, "__dict__") else dict(args or {}) if isinstance(
+      args, Mapping) else {}
+  return {k: bool(fields[k]) for k in ("norm_pix_loss",) if k in fields}
+
+
+def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+  """(load_torch_state_dict(path), recorded_args of the file)."""
   path = os.fspath(path)
   if os.path.isdir(path):
     path = _weights_file(path)
@@ -611,7 +632,7 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     out = {}
     for shard in shards:
       out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard)))
-    return out
+    return out, {}
   if path.endswith(".npz"):
     reader, kind = _read_npz, "numpy .npz file"
   elif path.endswith(".safetensors"):
@@ -640,12 +661,19 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
         f"{type(e).__name__}: {detail} A file cut short (an "
         f"interrupted download or copy) or another kind of file fails like this: compare its "
         f"size with the original's and fetch it again.") from e
-  return {k: _to_numpy(v, k) for k, v in state_dict_of(checkpoint, path).items()}
+  return ({k: _to_numpy(v, k) for k, v in state_dict_of(checkpoint, path).items()},
+          recorded_args(checkpoint))
 
 
 def load_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
   """(state dict with official keys, the transformers config.json beside it or None)."""
-  sd = load_torch_state_dict(path)
+  return read_checkpoint(path)[:2]
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]],
+                                        Dict[str, Any]]:
+  """load_checkpoint(path) and the model fields its official `args` record (`recorded_args`)."""
+  sd, recorded = _load(path)
   directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   hf_config = None
   if is_transformers(sd) and os.path.exists(os.path.join(directory, "config.json")):
@@ -660,7 +688,7 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str
       logging.warning("%s/config.json says layer_norm_eps=%g; mae_jax uses the official 1e-6, "
                       "so outputs differ slightly from transformers' with this config.",
                       directory, eps)
-  return _official(sd), hf_config
+  return _official(sd), hf_config, recorded
 
 
 def _model_shapes(config) -> Params:
@@ -676,13 +704,15 @@ def _model_shapes(config) -> Params:
 
 
 def checked_conversion(state_dict: Mapping[str, Any], config=None,
-                       hf_config: Optional[Mapping[str, Any]] = None):
+                       hf_config: Optional[Mapping[str, Any]] = None,
+                       recorded: Optional[Mapping[str, Any]] = None):
   """(params, batch_stats, config) of a state dict, everything checked: the checkpoint's facts
-  against `config` (None: the checkpoint's own config, see `default_config`), then every array
-  against the shapes of the config's model. ValueError listing each disagreement."""
+  (`recorded`: the model fields its official `args` record) against `config` (None: the
+  checkpoint's own config, see `default_config`), then every array against the shapes of the
+  config's model. ValueError listing each disagreement."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   sd = _official(state_dict)
-  facts = checkpoint_facts(sd, hf_config)
+  facts = checkpoint_facts(sd, hf_config, recorded)
   if config is None:
     config = default_config(facts, hf_config)
   else:
@@ -701,6 +731,15 @@ def checked_conversion(state_dict: Mapping[str, Any], config=None,
     raise ValueError("the checkpoint's facts disagree with --config (the file wins: set these "
                      "fields to the checkpoint's values, or leave out --config): "
                      + "; ".join(problems))
+  if "decoder_embed_dim" in facts and "norm_pix_loss" not in facts and not hf_config:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning(
+        "The checkpoint does not record what its decoder learned to predict: taking "
+        "config.model.norm_pix_loss=%s. The official *_full.pth files predict normalized "
+        "patches (True); the official mae_visualize_vit_*.pth ones predict pixels: convert "
+        "those with --config=configs/vit_X.py --config.model.norm_pix_loss=False. It sets how "
+        "mae_jax.visualize maps predictions to pixels and the loss of continued pretraining.",
+        config.model.norm_pix_loss)
   params = params_from_torch(sd, scan=bool(config.model.scan))
   batch_stats = batch_stats_from_torch(sd)
   expected = _model_shapes(config)
@@ -730,7 +769,8 @@ def check_target(workdir: str) -> None:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
-                       hf_config: Optional[Mapping[str, Any]] = None, source: str = "state dict"):
+                       hf_config: Optional[Mapping[str, Any]] = None, source: str = "state dict",
+                       recorded: Optional[Mapping[str, Any]] = None):
   """Writes a state dict's params (and batch_stats) and config into `workdir` once every check
   of `checked_conversion` passes (nothing is written otherwise); returns (params, batch_stats,
   config)."""
@@ -739,7 +779,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
   import jax  # pylint: disable=g-import-not-at-top
   check_target(workdir)
   try:
-    params, batch_stats, config = checked_conversion(state_dict, config, hf_config)
+    params, batch_stats, config = checked_conversion(state_dict, config, hf_config, recorded)
   except ValueError as e:
     raise ValueError(f"{source}: {e}") from e
   checkpoint.save_params(workdir, params, config, batch_stats=batch_stats)
@@ -753,8 +793,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
 def convert(torch_checkpoint: str, workdir: str, config=None):
   """Converts a checkpoint file or directory (see the module docstring) into `workdir`."""
   check_target(workdir)  # before reading a file of gigabytes
-  state_dict, hf_config = load_checkpoint(torch_checkpoint)
-  return convert_state_dict(state_dict, workdir, config, hf_config, source=torch_checkpoint)
+  state_dict, hf_config, recorded = read_checkpoint(torch_checkpoint)
+  return convert_state_dict(state_dict, workdir, config, hf_config, source=torch_checkpoint,
+                            recorded=recorded)
 
 
 def main(argv: Sequence[str]) -> None:

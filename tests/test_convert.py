@@ -1,5 +1,8 @@
 """mae_jax.convert: a checkpoint's own facts win over a config's guess; linear probes convert."""
 
+import argparse
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -270,3 +273,42 @@ def test_convert_refuses_a_training_workdir_and_replaces_an_earlier_conversion(t
   got, stats, config = checkpoint.load_variables(str(out))
   assert not (out / "batch_stats").exists() and not stats and config.mode == "finetune"
   jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_the_decoders_target_recorded_in_the_official_args_wins_and_is_otherwise_announced(
+    tmp_path, caplog):
+  """main_pretrain.py saves its flags (`args`) with every checkpoint; their norm_pix_loss says
+  what the decoder predicts, and it once gave way silently to a config's default (True), which
+  makes mae_jax.visualize map pixel predictions as normalized patches. A full file that does not
+  record it (the released ones) converts with a warning naming the official visualization
+  checkpoints, which predict pixels."""
+  sd, _ = _official_mae()
+  args = argparse.Namespace(model="mae_vit_base_patch16", input_size=32, mask_ratio=0.75,
+                            norm_pix_loss=False, batch_size=64)
+  tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+  torch.save({"model": tensors, "optimizer": {}, "epoch": 3, "scaler": {}, "args": args},
+             tmp_path / "trained.pth")
+  assert convert.read_checkpoint(str(tmp_path / "trained.pth"))[2] == {"norm_pix_loss": False}
+  with pytest.raises(ValueError, match=r"config.model.norm_pix_loss=True, but the checkpoint's "
+                                       r"is False \(args.norm_pix_loss, saved by main_pretrain"):
+    convert.convert(str(tmp_path / "trained.pth"), str(tmp_path / "a"), _pretrain_config())
+  _, _, config = convert.convert(str(tmp_path / "trained.pth"), str(tmp_path / "b"),
+                                 _pretrain_config(norm_pix_loss=False))
+  assert checkpoint.load_params(str(tmp_path / "b"))[1].model.norm_pix_loss is False
+  # Without --config the recorded value is the config's (the paper's ViT-B sizes, as facts).
+  facts = {"embed_dim": convert.Fact(768, "x"), "depth": convert.Fact(12, "x"),
+           "decoder_embed_dim": convert.Fact(512, "x"), "decoder_depth": convert.Fact(8, "x"),
+           "norm_pix_loss": convert.Fact(False, "args.norm_pix_loss")}
+  assert convert.default_config(facts).model.norm_pix_loss is False
+  torch.save({"model": tensors}, tmp_path / "released.pth")
+  with caplog.at_level(logging.WARNING):
+    convert.convert(str(tmp_path / "released.pth"), str(tmp_path / "c"), _pretrain_config())
+  assert ("does not record what its decoder learned to predict: taking "
+          "config.model.norm_pix_loss=True" in caplog.text)
+  assert "mae_visualize_vit_*.pth ones predict pixels" in caplog.text
+  caplog.clear()
+  encoder = {k: v for k, v in tensors.items() if not k.startswith(("decoder", "mask_token"))}
+  torch.save({"model": encoder}, tmp_path / "encoder.pth")
+  with caplog.at_level(logging.WARNING):
+    convert.convert(str(tmp_path / "encoder.pth"), str(tmp_path / "d"), _pretrain_config())
+  assert "decoder learned" not in caplog.text
