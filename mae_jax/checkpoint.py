@@ -535,6 +535,8 @@ def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[]
   """What `path` offers, best first: a workdir's training checkpoints newest first, then its
   params/; else the step directory or params directory `path` itself."""
   path = epath.Path(absolute(path))
+  if path.name == CHECKPOINTS and not (path / CHECKPOINTS).exists():
+    path = path.parent  # a workdir's checkpoints/ folder: that workdir
   found = []
   checkpoints = path / CHECKPOINTS
   if checkpoints.is_dir():
@@ -543,10 +545,33 @@ def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[]
   found.append(_params_in(path))
   found = [f for f in found if f is not None]
   if not found:
+    if not path.exists():
+      raise FileNotFoundError(f"{path} does not exist: expected a workdir of mae_jax.main or "
+                              "mae_jax.convert, or an npz written by mae_jax.export.")
+    if _is_torch_checkpoint(path):
+      raise FileNotFoundError(_convert_first(path, "a PyTorch or transformers checkpoint"))
     raise FileNotFoundError(
         f"No params under {path}: expected a workdir with {CHECKPOINTS}/<step>/ or {PARAMS}/ "
-        f"(written by mae_jax.main or mae_jax.convert), or a params directory.")
+        f"(written by mae_jax.main or mae_jax.convert), a params directory, or an npz written "
+        f"by mae_jax.export.")
   return found
+
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def _is_torch_checkpoint(path: epath.Path) -> bool:
+  """Whether `path` looks like what mae_jax.convert reads rather than mae_jax's own params: a
+  .pth/.bin/.safetensors file, or a directory holding transformers' weight files."""
+  if path.is_file():
+    return path.suffix in _TORCH_SUFFIXES
+  return path.is_dir() and any((path / name).exists() for name in (
+      "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def _convert_first(path: epath.Path, what: str) -> str:
+  return (f"{path} is {what}, which mae_jax reads once converted: run `python -m "
+          f"mae_jax.convert --torch_checkpoint={path} --workdir=DIR`, then pass DIR.")
 
 
 def _is_npz(path: str) -> bool:
@@ -588,7 +613,11 @@ def load_variables(path: str, *, target: Any = None, optional: Sequence[str] = (
   """
   if _is_npz(path):
     from mae_jax import export  # pylint: disable=g-import-not-at-top
-    params = export.from_big_vision(export.load_encoder_params(path))
+    encoder = export.load_encoder_params(path)
+    keys = list(traverse_util.flatten_dict(encoder, sep="/"))
+    if not any("/" in k for k in keys) and any("." in k for k in keys):  # an npz of torch keys
+      raise ValueError(_convert_first(epath.Path(path), "an npz of PyTorch keys"))
+    params = export.from_big_vision(encoder)
     if target is not None:
       problems = shape_problems(params, target)
       if problems:

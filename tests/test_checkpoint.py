@@ -130,6 +130,30 @@ def test_relative_workdirs_save_and_load(tmp_path, monkeypatch):
 def test_load_params_says_what_it_expected_when_nothing_is_there(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoints/<step>/ or params/"):
     checkpoint.load_params(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.load_params(str(tmp_path / "nowhere"))
+  # What a user may hand over instead of a converted workdir: the way to convert it.
+  (tmp_path / "hf").mkdir()
+  for name in ("hf/model.safetensors", "hf/config.json", "mae_pretrain_vit_base.pth"):
+    (tmp_path / name).write_bytes(b"\0" * 8)
+  for given in ("hf", "hf/model.safetensors", "mae_pretrain_vit_base.pth"):
+    with pytest.raises(FileNotFoundError) as e:
+      checkpoint.load_params(str(tmp_path / given))
+    assert (f"python -m mae_jax.convert --torch_checkpoint={tmp_path / given} --workdir="
+            in str(e.value)), str(e.value)
+  np.savez(tmp_path / "official.npz", **{"cls_token": np.zeros((1, 1, 8)),
+                                          "blocks.0.norm1.weight": np.ones(8)})
+  with pytest.raises(ValueError, match="an npz of PyTorch keys.*mae_jax.convert"):
+    checkpoint.load_params(str(tmp_path / "official.npz"))
+
+
+def test_a_workdirs_checkpoints_folder_reads_as_the_workdir(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path), keep=2)
+  checkpoint.save(mngr, _state(_params(4), 4), config_lib.pretrain_config("vit_b"))
+  mngr.wait_until_finished()
+  mngr.close()
+  params, _ = checkpoint.load_params(str(tmp_path / "checkpoints"))
+  jax.tree.map(np.testing.assert_array_equal, params, _params(4))
 
 
 def test_load_params_skips_a_damaged_newest_checkpoint_for_the_one_before(tmp_path):

@@ -202,7 +202,7 @@ def test_a_bad_init_from_fails_before_anything_is_written(env, tmp_path):
       [sys.executable, "-m", "mae_jax.main", f"--config={REPO}/configs/finetune_demo.py",
        f"--workdir={tmp_path}", f"--config.init_from={tmp_path / 'nowhere'}"], env=env,
       cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert result.returncode != 0 and "No params under" in result.stderr
+  assert result.returncode != 0 and "nowhere does not exist" in result.stderr
   assert sorted(os.listdir(tmp_path)) == []  # no config.json, no checkpoints/, no lock
 
 
