@@ -32,8 +32,22 @@ def series(rows: List[Dict[str, float]], key: str) -> np.ndarray:
   return np.array(sorted(points.items()), np.float64).reshape(-1, 2)
 
 
+def _marker(points: np.ndarray, key: str) -> Optional[str]:
+  """A dot per point where a line alone shows too little: a series of one point (a line through
+  it draws nothing) and a top-1 of few evaluations."""
+  return "o" if len(points) == 1 or (key.endswith("top1") and len(points) < 30) else None
+
+
 def figure_png(runs: Dict[str, List[Dict[str, float]]], *, dpi: int = 100) -> bytes:
   """The 2x2 figure of PANELS for `runs` (name -> metrics rows) as PNG bytes."""
+  fig = figure(runs)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  return buffer.getvalue()
+
+
+def figure(runs: Dict[str, List[Dict[str, float]]]):
+  """The 2x2 matplotlib Figure of PANELS for `runs` (name -> metrics rows)."""
   # A Figure drawn without pyplot: no GUI backend or global figure state is loaded, only what a
   # PNG needs (matplotlib's way for non-interactive use; saves about a second per run).
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -49,13 +63,13 @@ def figure_png(runs: Dict[str, List[Dict[str, float]]], *, dpi: int = 100) -> by
         points = series(rows, key)
         if len(points):
           ax.plot(points[:, 0], points[:, 1], style, color=colour, label=name,
-                  marker="o" if key.endswith("top1") and len(points) < 30 else None,
-                  markersize=3)
+                  marker=_marker(points, key), markersize=3)
       if keys == ("img_per_s",):
         wait = series(rows, "input_wait")
         if len(wait):
           twin = twin or ax.twinx()
-          twin.plot(wait[:, 0], wait[:, 1], ":", color=colour)
+          twin.plot(wait[:, 0], wait[:, 1], ":", color=colour,
+                    marker=_marker(wait, "input_wait"), markersize=3)
     if twin is not None:
       twin.set_ylabel("waiting for input (dotted)")
       twin.set_ylim(0, 1)
@@ -76,9 +90,7 @@ def figure_png(runs: Dict[str, List[Dict[str, float]]], *, dpi: int = 100) -> by
   # Fixed margins rather than fig.tight_layout, which measures every tick label (half the
   # figure's time, at the end of every run); they leave room for the twin axis's label.
   fig.subplots_adjust(left=0.07, right=0.93, bottom=0.07, top=0.9, wspace=0.28, hspace=0.32)
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=dpi)
-  return buffer.getvalue()
+  return fig
 
 
 def run_names(workdirs: Sequence[str]) -> List[str]:

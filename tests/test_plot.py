@@ -68,3 +68,13 @@ def test_a_workdir_given_twice_is_drawn_once_with_a_warning(tmp_path, monkeypatc
 def test_a_workdir_without_metrics_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="has no metrics.jsonl rows"):
     plot.write([str(tmp_path)])
+
+
+def test_a_series_of_one_point_is_drawn_as_a_marker():
+  # A short run logs one training row: a line through one point draws nothing at all.
+  rows = [{"step": 30, "loss": 1.0, "lr": 1e-3, "img_per_s": 90.0, "input_wait": 0.2},
+          {"step": 30, "eval_top1": 20.0}]
+  lines = [line for ax in plot.figure({"short": rows}).axes for line in ax.lines]
+  assert len(lines) == 5  # loss, lr, eval_top1, img_per_s, input_wait
+  for line in lines:
+    assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")
