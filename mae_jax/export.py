@@ -47,6 +47,7 @@ from absl import logging
 from flax import traverse_util
 import numpy as np
 
+from mae_jax import writers
 from mae_jax.models.layout import is_scanned, scan_to_unrolled
 from mae_jax.models.mae import patch_grid
 from mae_jax.models.vit import image_hw
@@ -148,13 +149,7 @@ def check_output(output: str, directory: bool) -> None:
     raise ValueError(f"--output={output} is a file, but --format=transformers writes a "
                      "directory (model.safetensors, config.json): name a new or existing "
                      f"directory, or use {other} to write one file")
-  parent = os.path.dirname(os.path.abspath(output))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise ValueError(f"--output={output} cannot be a {kind}: {parent} is not a directory")
-  if not os.access(parent, os.W_OK):
-    raise ValueError(f"--output={output} cannot be written: {parent} is not writable")
+  writers.check_writable(output, kind=kind)
 
 
 def _heads(workdir: str, config, num_heads: Optional[int]) -> int:

@@ -165,6 +165,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   writers.show_own_info_logs()
+  writers.check_writable(_OUTPUT.value)  # before a pass over the split that may take hours
   distributed.initialize()
   features, labels, dataset, split = extract(
       checkpoint.absolute(_WORKDIR.value), split=_SPLIT.value, dataset=_DATASET.value,

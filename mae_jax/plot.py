@@ -113,6 +113,8 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
     workdirs = list(unique.values())
     logging.warning("A workdir was given more than once; each is drawn once: %s",
                     " ".join(workdirs))
+  output = output or os.path.join(str(workdirs[0]), CURVES_FILE)
+  writers.check_writable(output)
   runs = {}
   for name, workdir in zip(run_names(workdirs), workdirs):
     rows = writers.read_metrics(str(workdir))
@@ -120,7 +122,7 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
       raise FileNotFoundError(f"{workdir} has no {writers.METRICS_FILE} rows; give a workdir "
                               f"of mae_jax.main that has logged at least one step.")
     runs[name] = rows
-  path = epath.Path(output or os.path.join(str(workdirs[0]), CURVES_FILE))
+  path = epath.Path(output)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(figure_png(runs))
   return os.fspath(path)

@@ -212,6 +212,8 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
   the workdir config's input.mean / input.std (ImageNet's without one); a 1-channel model is
   drawn in grey, others from `bands` (1 or 3 indices, default the first three)."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  output = output or os.path.join(path, "visualize.png")
+  writers.check_writable(output)  # before reading params and compiling
   params, config = checkpoint.load_params(path)
   model_config = model_config or (config.model if config is not None else None)
   if model_config is None:
@@ -238,7 +240,7 @@ def render(path: str, *, images: Optional[Sequence[str]] = None, output: Optiona
                                                mean=shown_mean, std=shown_std))(
       params, pixels, noise)
   figure = select_bands(np.asarray(figure), bands)
-  return save_png(grid_image(figure), output or os.path.join(path, "visualize.png"))
+  return save_png(grid_image(figure), output)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -34,6 +34,26 @@ def is_object_store(path: Any) -> bool:
   return "://" in os.fspath(path)
 
 
+def check_writable(output: str, *, flag: str = "--output", kind: str = "file") -> None:
+  """ValueError, before any work, when `output` cannot be written as a `kind` ("file" or
+  "directory"): a file that names a directory, a path below a file, or one under a folder
+  this process may not write (a read-only mount). Folders that do not exist yet are fine (they
+  are made). Object-store URIs are not checked."""
+  if is_object_store(output):
+    return
+  if kind == "file" and os.path.isdir(output):
+    raise ValueError(f"{flag}={output} is a directory: name a file in it, such as "
+                     f"{os.path.join(output, 'out')}")
+  parent = os.path.dirname(os.path.abspath(output))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag}={output} cannot be a {kind}: {parent} is not a directory")
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"{flag}={output} cannot be written: {parent} is not writable; name "
+                     f"another {flag}")
+
+
 def move_tree(src: epath.Path, dst: epath.Path) -> None:
   """Moves a folder: a rename on a file system, a copy of each file and then a delete of the
   source on an object store (which has no rename; the source goes only once all is copied)."""

@@ -214,3 +214,38 @@ def test_every_other_run_file_goes_to_gs(object_store, tmp_path):
   (tmp_path / "a" / "b").mkdir(parents=True)
   writers.move_tree(epath.Path(tmp_path / "a"), epath.Path(tmp_path / "c"))
   assert (tmp_path / "c" / "b").is_dir() and not (tmp_path / "a").exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, monkeypatch):
+  """visualize, plot and extract once did all their work (compiling, a pass over a whole split)
+  and then failed on a read-only workdir or an --output below a file with a bare OSError."""
+  import os  # pylint: disable=g-import-not-at-top
+  from mae_jax import checkpoint, plot, visualize  # pylint: disable=g-import-not-at-top
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode: False if (
+      os.path.abspath(path) == str(read_only) and mode == os.W_OK) else real_access(path, mode))
+  (tmp_path / "a_file").write_text("")
+
+  def never(*args, **kwargs):
+    raise AssertionError("read before the output was checked")
+
+  monkeypatch.setattr(checkpoint, "load_params", never)
+  monkeypatch.setattr(writers, "read_metrics", never)
+  cases = [(lambda: visualize.render(str(read_only)),
+            rf"--output={read_only}/visualize.png cannot be written: {read_only} is not "
+            r"writable; name another --output"),
+           (lambda: visualize.render(str(read_only), output=str(tmp_path / "a_file" / "x.png")),
+            r"a_file/x.png cannot be a file: .*a_file is not a directory"),
+           (lambda: plot.write([str(read_only)]), r"curves.png cannot be written"),
+           (lambda: plot.write([str(tmp_path)], output=str(tmp_path)), r"is a directory")]
+  for call, message in cases:
+    with pytest.raises(ValueError, match=message):
+      call()
+  assert writers.check_writable("gs://bucket/out.png") is None  # object stores: not checked
+  result = subprocess.run(
+      [sys.executable, "-m", "mae_jax.extract", f"--workdir={tmp_path / 'no_such_workdir'}",
+       f"--output={tmp_path / 'a_file' / 'f.npz'}"], capture_output=True, text=True)
+  assert result.returncode != 0
+  assert "f.npz cannot be a file" in result.stderr and "No params" not in result.stderr
