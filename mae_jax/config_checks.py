@@ -33,6 +33,32 @@ class ConfigError(ValueError):
     super().__init__("Invalid config:\n  " + "\n  ".join(self.problems))
 
 
+# The config files of each job (configs/), for messages.
+_CONFIG_FILES = {"pretrain": "configs/vit_{b,l,h}.py, configs/demo.py",
+                 "finetune": "configs/finetune_*.py", "linprobe": "configs/linprobe_*.py"}
+
+
+def _field_names(config: ml_collections.ConfigDict, prefix: str = "config.") -> List[str]:
+  names = []
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      names += _field_names(value, f"{prefix}{key}.")
+    else:
+      names.append(f"{prefix}{key}")
+  return names
+
+
+def _fields_lacking(config: ml_collections.ConfigDict, mode: str) -> List[str]:
+  """The fields that `mode`'s own config (config_lib) has and `config` lacks, such as a linear
+  probing config's missing `config.augment` when config.mode is set to "finetune"."""
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  template = {"pretrain": config_lib.pretrain_config, "finetune": config_lib.finetune_config,
+              "linprobe": config_lib.linprobe_config}[mode]("vit_b")
+  have = set(_field_names(config))
+  return [name for name in _field_names(template) if name not in have]
+
+
 def _divisor_near(n: int, k: int) -> int:
   """The divisor of n closest to k (a suggestion for error messages)."""
   return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
@@ -48,6 +74,12 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
   mode = config.get("mode")
   if mode not in JOBS:
     return [f"config.mode={mode!r} is not one of {JOBS}; start from a config in configs/."]
+  lacking = _fields_lacking(config, mode)
+  if lacking:
+    more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+    return [f"config.mode={mode!r}, but this config lacks {', '.join(lacking[:4])}{more}: it "
+            f"was made for another job, and config.mode alone does not turn it into one. Start "
+            f"from a {mode} config file ({_CONFIG_FILES[mode]})."]
   classifier = mode in CLASSIFIER_JOBS
   m, o, mesh = config.model, config.optimizer, config.mesh
   errors = []

@@ -127,6 +127,27 @@ def test_the_same_validator_serves_every_job():
     assert extra is None or extra in str(e.value)
 
 
+def test_a_config_of_another_job_is_refused_whatever_config_mode_says():
+  # config.mode is no switch: a config file of one job lacks the fields of the others.
+  for make, mode, lacking, start in (
+      (config_lib.linprobe_config, "finetune", "config.augment", "configs/finetune_"),
+      (config_lib.finetune_config, "pretrain", "config.model.decoder_embed_dim", "configs/vit_"),
+      (config_lib.pretrain_config, "linprobe", "config.eval_batch_size", "configs/linprobe_")):
+    config = make("vit_b")
+    config.mode = mode
+    problems = config_checks.config_problems(config, device_count=1, process_count=1)
+    assert len(problems) == 1 and problems[0].startswith(f"config.mode={mode!r}"), problems
+    assert lacking in problems[0] and start in problems[0], problems
+
+
+def test_main_refuses_a_config_of_another_job_in_a_few_lines(tmp_path):
+  result = _main(tmp_path, f"--config={REPO}/configs/linprobe_demo.py", "--workdir=run",
+                 "--config.mode=finetune")
+  _assert_short_error(result, "config.mode='finetune'", "configs/finetune_")
+  assert result.returncode == 2
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("guard,branches", [("cond", True), ("select", False)])
 def test_config_nonfinite_guard_chooses_the_finetuning_steps_guard(guard, branches):
   config = _classifier_config("finetune", nonfinite_guard=guard)
