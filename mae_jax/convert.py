@@ -100,7 +100,10 @@ def _to_numpy(x, key: str = "") -> np.ndarray:
 def state_dict_of(checkpoint: Any, source: str = "the checkpoint") -> Mapping[str, Any]:
   """The state dict in what `torch.load` returned: its "model" entry (as the official
   main_pretrain.py / main_finetune.py save it, beside "optimizer", "epoch", ...), or the
-  checkpoint itself when every entry is an array. ValueError naming what it holds otherwise."""
+  checkpoint itself when every entry is an array; a whole model saved with torch.save(model)
+  gives its state_dict(). ValueError naming what it holds otherwise."""
+  if not isinstance(checkpoint, Mapping) and callable(getattr(checkpoint, "state_dict", None)):
+    checkpoint = checkpoint.state_dict()  # an nn.Module whose class was importable here
   if not isinstance(checkpoint, Mapping):
     raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict (a dict "
                      f"of tensors, or a dict with one under 'model' as the official code saves)")
@@ -650,6 +653,12 @@ def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     checkpoint = reader(path)
   except (FileNotFoundError, PermissionError):
     raise
+  except (ImportError, AttributeError) as e:  # a pickled class that is not importable here
+    raise ValueError(
+        f"{path} pickles an object whose class is not importable here ({type(e).__name__}: "
+        f"{e}): a whole model saved with torch.save(model). Where that model's code imports, "
+        f"save its state dict instead: torch.save({{'model': model.state_dict()}}, PATH)"
+    ) from e
   except Exception as e:  # pylint: disable=broad-except  # re-raised, naming the file
     detail = " ".join(str(e).split())
     if len(detail) > 200:

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -312,3 +313,34 @@ def test_the_decoders_target_recorded_in_the_official_args_wins_and_is_otherwise
   with caplog.at_level(logging.WARNING):
     convert.convert(str(tmp_path / "encoder.pth"), str(tmp_path / "d"), _pretrain_config())
   assert "decoder learned" not in caplog.text
+
+
+def test_a_whole_model_saved_with_torch_save_gives_its_state_dict_or_the_fix(tmp_path,
+                                                                              monkeypatch):
+  """torch.save(model) pickles the model's class by reference: where that class imports, its
+  state_dict() converts; elsewhere the error says so and how to save a state dict (it once
+  read as 'a file cut short')."""
+  (tmp_path / "user_models.py").write_text(
+      "import torch\n"
+      "class Encoder(torch.nn.Module):\n"
+      "  def __init__(self, sd):\n"
+      "    super().__init__()\n"
+      "    for k, v in sd.items():\n"
+      "      self.register_buffer(k.replace('.', '__'), v)\n"
+      "  def state_dict(self, *args, **kwargs):\n"
+      "    return {k.replace('__', '.'): v for k, v in super().state_dict().items()}\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import user_models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  sd, params = _official_mae()
+  torch.save(user_models.Encoder({k: torch.from_numpy(v) for k, v in sd.items()}),
+             tmp_path / "whole.pth")
+  got, _, _ = convert.convert(str(tmp_path / "whole.pth"), str(tmp_path / "w"),
+                              _pretrain_config())
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  monkeypatch.delitem(sys.modules, "user_models")
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+  with pytest.raises(ValueError, match=r"whole.pth pickles an object whose class is not "
+                                       r"importable here \(ModuleNotFoundError: No module named "
+                                       r"'user_models'\).*torch.save\(\{'model': model."
+                                       r"state_dict\(\)\}, PATH\)"):
+    convert.load_torch_state_dict(str(tmp_path / "whole.pth"))
