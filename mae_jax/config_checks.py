@@ -367,14 +367,30 @@ def data_problems(config: ml_collections.ConfigDict, *, num_examples: int,
   batch = config.input.batch_size
   if not _is_int(batch) or batch < 1:
     return errors  # reported by config_problems
-  steps_per_epoch = max(1, num_examples // batch)
-  total = config.total_steps or int(config.num_epochs * steps_per_epoch)
-  warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
-  if total > 0 and warmup >= total:
-    errors.append(f"The warmup ({warmup} steps, from config.warmup_epochs / "
-                  f"config.warmup_steps) must be shorter than training ({total} steps, from "
-                  f"config.total_steps / config.num_epochs); shorten the warmup.")
+  problem = warmup_problem(config, max(1, num_examples // batch))
+  if problem:
+    errors.append(problem)
   return errors
+
+
+def warmup_problem(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Optional[str]:
+  """Why the warmup is not shorter than the run, naming the fields each length comes from and
+  the fix; None when it is."""
+  total = config.total_steps or int(config.num_epochs * steps_per_epoch)
+  steps = config.get("warmup_steps", 0)
+  warmup = steps or int(round(config.warmup_epochs * steps_per_epoch))
+  if total <= 0 or warmup < total:
+    return None
+  per_epoch = f"{steps_per_epoch} steps per epoch"
+  warmup_from = (f"config.warmup_steps={steps}" if steps else
+                 f"config.warmup_epochs={config.warmup_epochs} x {per_epoch}, since "
+                 f"config.warmup_steps={steps} defers to it")
+  total_from = (f"config.total_steps={config.total_steps}" if config.total_steps else
+                f"config.num_epochs={config.num_epochs} x {per_epoch}")
+  fix = (f"--config.warmup_steps=N with 0 < N < {total}, or " if total > 1 else "")
+  return (f"The warmup ({warmup} steps: {warmup_from}) must be shorter than training ({total} "
+          f"steps: {total_from}); shorten the warmup: {fix}--config.warmup_epochs=0 "
+          f"--config.warmup_steps=0 for none.")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, device_count: Optional[int] = None,

@@ -118,10 +118,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
   """
   total = num_train_steps(config, steps_per_epoch)
   warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
-  if warmup >= total:
-    raise ValueError(f"The warmup ({warmup} steps, from config.warmup_epochs / "
-                     f"config.warmup_steps) must be shorter than training ({total} steps, from "
-                     f"config.total_steps / config.num_epochs); shorten the warmup.")
+  problem = config_checks.warmup_problem(config, steps_per_epoch)
+  if problem:
+    raise ValueError(problem)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=base_learning_rate(config), warmup_steps=warmup,
       decay_steps=total, end_value=config.optimizer.get("min_lr", 0.0))  # fine-tuning's 1e-6

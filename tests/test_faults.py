@@ -488,8 +488,10 @@ BAD_CONFIGS = [  # (fields, check, the field as named, the fix)
      "must be > 0 when config.total_steps is 0"),
     ({"keep_checkpoints": 0}, _validate_train(), "config.keep_checkpoints=0",
      "must be at least 1"),
-    ({"warmup_steps": 12}, _schedule, "config.warmup_epochs / config.warmup_steps",
-     "shorten the warmup"),
+    ({"warmup_steps": 12}, _schedule, "config.warmup_steps=12", "shorten the warmup"),
+    # warmup_steps=0 is no "no warmup": it defers to warmup_epochs, which the message names.
+    ({"warmup_steps": 0, "warmup_epochs": 40}, _schedule, "config.warmup_epochs=40 x",
+     "--config.warmup_epochs=0 --config.warmup_steps=0 for none"),
     ({"input.dataset": "no_such_dataset"}, _validate_input, "input.dataset='no_such_dataset'",
      "'folder:/path/to/images'"),
     ({"input.dataset": "folder:/no/such/folder"}, _validate_input,
