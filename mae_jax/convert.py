@@ -762,11 +762,13 @@ def checked_conversion(state_dict: Mapping[str, Any], config=None,
 
 
 def check_target(workdir: str) -> None:
-  """ValueError when `workdir` holds a training run (its checkpoints, lock or metrics): a
-  conversion there would replace the run's config.json and set params beside its checkpoints.
-  An earlier conversion's params/ may be replaced."""
+  """ValueError when `workdir` cannot be written (a file, a read-only folder) or holds a
+  training run (its checkpoints, lock or metrics): a conversion there would replace the run's
+  config.json and set params beside its checkpoints. An earlier conversion's params/ may be
+  replaced."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   from mae_jax import checkpoint, writers  # pylint: disable=g-import-not-at-top
+  writers.check_writable(workdir, flag="--workdir", kind="directory")
   root = epath.Path(checkpoint.absolute(workdir))
   found = [name for name in (checkpoint.CHECKPOINTS, checkpoint.LOCK, writers.METRICS_FILE)
            if (root / name).exists()]

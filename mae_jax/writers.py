@@ -44,7 +44,11 @@ def check_writable(output: str, *, flag: str = "--output", kind: str = "file") -
   if kind == "file" and os.path.isdir(output):
     raise ValueError(f"{flag}={output} is a directory: name a file in it, such as "
                      f"{os.path.join(output, 'out')}")
-  parent = os.path.dirname(os.path.abspath(output))
+  if kind == "directory" and os.path.exists(output) and not os.path.isdir(output):
+    raise ValueError(f"{flag}={output} is a file: name a new or existing directory")
+  # The nearest folder that exists: the directory itself, or where the output will be made.
+  parent = os.path.abspath(output) if kind == "directory" else os.path.dirname(
+      os.path.abspath(output))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):

@@ -265,6 +265,13 @@ def test_convert_refuses_a_training_workdir_and_replaces_an_earlier_conversion(t
     convert.convert_state_dict(sd, str(run), _pretrain_config())
   assert (run / "config.json").read_text() == '{"mode": "pretrain"}'
   assert not (run / "params").exists()
+  # A workdir that cannot be written is refused before the file is read (once: after the
+  # conversion, by Orbax).
+  (tmp_path / "a_file").write_text("")
+  for workdir, message in ((tmp_path / "a_file", r"--workdir=.*a_file is a file"),
+                           (tmp_path / "a_file" / "w", r"a_file/w cannot be a directory")):
+    with pytest.raises(ValueError, match=message):
+      convert.convert(str(tmp_path / "missing.pth"), str(workdir), _pretrain_config())
   probe_sd, _, _ = _probe_state_dict()
   out = tmp_path / "w"
   convert.convert_state_dict(probe_sd, str(out), _linprobe_config())
