@@ -550,6 +550,10 @@ def _params_candidates(path: str) -> List[Tuple[epath.Path, Optional[Callable[[]
                               "mae_jax.convert, or an npz written by mae_jax.export.")
     if _is_torch_checkpoint(path):
       raise FileNotFoundError(_convert_first(path, "a PyTorch or transformers checkpoint"))
+    if checkpoints.is_dir():
+      raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint yet: its run has not "
+                              "saved one (it saves every config.checkpoint_every_steps steps and "
+                              "at the end), or stopped before it did.")
     raise FileNotFoundError(
         f"No params under {path}: expected a workdir with {CHECKPOINTS}/<step>/ or {PARAMS}/ "
         f"(written by mae_jax.main or mae_jax.convert), a params directory, or an npz written "

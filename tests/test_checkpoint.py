@@ -132,6 +132,9 @@ def test_load_params_says_what_it_expected_when_nothing_is_there(tmp_path):
     checkpoint.load_params(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.load_params(str(tmp_path / "nowhere"))
+  (tmp_path / "running" / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="holds no finished checkpoint yet"):
+    checkpoint.load_params(str(tmp_path / "running"))
   # What a user may hand over instead of a converted workdir: the way to convert it.
   (tmp_path / "hf").mkdir()
   for name in ("hf/model.safetensors", "hf/config.json", "mae_pretrain_vit_base.pth"):
