@@ -19,7 +19,9 @@ table, a classifier's classes and pooling) and those its transformers `config.js
 values; without `--config`, the model is the checkpoint's. Everything is checked before
 DIR/params (Orbax), DIR/batch_stats (a linear probe's BatchNorm statistics) and DIR/config.json
 are written; `mae_jax.main`, `mae_jax.visualize`, `mae_jax.export` and `config.init_from` start
-from them. torch is needed only for `.pth` and `.bin` files (`pip install -e .[torch]`).
+from them. torch is needed only for `.pth` and `.bin` files (`pip install -e .[torch]`). On the
+command line a checkpoint, config or workdir that cannot be converted ends in a few lines naming
+it, with exit status 2.
 """
 
 import json
@@ -814,7 +816,11 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from mae_jax import writers  # pylint: disable=g-import-not-at-top
   writers.show_own_info_logs()
-  convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value)
+  try:
+    convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value)
+  except (ValueError, FileNotFoundError) as e:  # the file, the workdir or the config: named
+    from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.usage_error(f"{e}\nNothing was written.")
 
 
 if __name__ == "__main__":
@@ -829,4 +835,5 @@ if __name__ == "__main__":
       lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.",
                                  required=True)
-  app.run(main)
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: config_lib.parse_flags(argv, _CONFIG))

@@ -75,4 +75,5 @@ if __name__ == "__main__":
   _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Read only this many files, evenly "
                                      "spaced (0: all).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: config_lib.parse_flags(argv, _CONFIG))

@@ -274,4 +274,5 @@ if __name__ == "__main__":
                              "the first three.")
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "The model's config, for params without a config.json.")
-  app.run(main)
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: config_lib.parse_flags(argv, _CONFIG))

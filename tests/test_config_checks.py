@@ -194,6 +194,29 @@ def test_main_answers_a_wrong_field_in_a_few_lines(tmp_path, args, expected):
   assert not (tmp_path / "run").exists()
 
 
+def test_convert_visualize_and_stats_answer_a_wrong_field_or_file_in_a_few_lines(tmp_path):
+  """The commands with a --config besides main's once answered a misspelt field with a 30-line
+  traceback, and convert a bad checkpoint file with its ValueError's traceback."""
+  (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
+  config = f"--config={REPO}/configs/demo.py"
+  cases = [
+      ("mae_jax.convert", ["--torch_checkpoint=x.pth", "--workdir=w", config,
+                           "--config.model.norm_pix_los=False"],
+       ["has no field config.model.norm_pix_los", "Did you mean --config.model.norm_pix_loss?"]),
+      ("mae_jax.convert", ["--torch_checkpoint=cut.pth", "--workdir=w", config],
+       ["Error: cut.pth (", "does not read as a PyTorch checkpoint", "Nothing was written."]),
+      ("mae_jax.visualize", ["--workdir=w", config, "--config.model.mask_rati=0.5"],
+       ["Did you mean --config.model.mask_ratio?"]),
+      ("mae_jax.stats", [config, "--config.input.datset=x"],
+       ["Did you mean --config.input.dataset?"]),
+  ]
+  results = [_main(tmp_path, *args, module=module) for module, args, _ in cases]
+  for (_, _, expected), result in zip(cases, results):
+    _assert_short_error(result, *expected)
+    assert result.returncode == 2
+  assert not (tmp_path / "w").exists()
+
+
 def test_a_wrong_input_field_is_named_once(tmp_path):
   # The trainer's checks and the input pipeline's own both cover input.batch_size.
   result = _main(tmp_path, f"--config={REPO}/configs/demo.py", "--workdir=run",
