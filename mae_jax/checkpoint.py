@@ -460,11 +460,14 @@ def _loss_scale_afresh(path: epath.Path, items: Dict[str, Any], abstract_state) 
 def save_params(workdir: str, params: Params, config: ml_collections.ConfigDict, *,
                 batch_stats: Optional[Params] = None) -> None:
   """Writes WORKDIR/params (Orbax), a linear probe's WORKDIR/batch_stats and
-  WORKDIR/config.json, replacing earlier ones (an earlier batch_stats that these params lack
-  is removed first: it belongs to another model)."""
-  stale = epath.Path(absolute(workdir)) / BATCH_STATS
-  if not batch_stats and stale.exists() and jax.process_index() == 0:
-    stale.rmtree()
+  WORKDIR/config.json, replacing earlier ones. The earlier config.json and batch_stats are
+  removed first: they belong to the params being replaced, and a crash before this call ends
+  must not pair them with the new params (config.json is written last)."""
+  root = epath.Path(absolute(workdir))
+  if jax.process_index() == 0:
+    if (root / BATCH_STATS).exists():
+      (root / BATCH_STATS).rmtree()
+    (root / CONFIG_JSON).unlink(missing_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(epath.Path(absolute(workdir)) / PARAMS, params, force=True)
   if batch_stats:

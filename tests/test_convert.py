@@ -351,3 +351,25 @@ def test_a_whole_model_saved_with_torch_save_gives_its_state_dict_or_the_fix(tmp
                                        r"'user_models'\).*torch.save\(\{'model': model."
                                        r"state_dict\(\)\}, PATH\)"):
     convert.load_torch_state_dict(str(tmp_path / "whole.pth"))
+
+
+def test_a_conversion_cut_short_never_pairs_new_params_with_the_old_config(tmp_path,
+                                                                           monkeypatch):
+  """Re-converting into a workdir replaced params/ first and config.json last: a crash between
+  left the new params with the earlier conversion's config (another mode, heads, target)."""
+  probe_sd, _, _ = _probe_state_dict()
+  out = tmp_path / "w"
+  convert.convert_state_dict(probe_sd, str(out), _linprobe_config())
+  assert (out / "config.json").exists() and (out / "batch_stats").is_dir()
+
+  def crash(*args):
+    raise KeyboardInterrupt("killed before config.json was written")
+
+  monkeypatch.setattr(checkpoint, "write_config", crash)
+  sd, params = _official_mae()
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert_state_dict(sd, str(out), _pretrain_config())
+  assert not (out / "config.json").exists() and not (out / "batch_stats").exists()
+  got, config = checkpoint.load_params(str(out))
+  assert config is None
+  jax.tree.map(np.testing.assert_array_equal, got, params)
