@@ -138,7 +138,8 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   or left over: another depth; other attention heads) is a ValueError listing each, unless
   `config.init_partial=True` asks for a partial start (those params then keep their fresh init,
   listed in the log). A linear probe's BatchNorm statistics come along with its head. With
-  `config.eval_only`, a head that is not loaded (or no init_from) is a ValueError.
+  `config.eval_only`, a head that is not loaded (or no init_from), or one that would see other
+  features than it was trained on, is a ValueError.
   """
   if not config.init_from:
     if config.get("eval_only", False):
@@ -197,13 +198,35 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
                      f"{config.model.num_classes}: a fresh head would score chance. Set "
                      "--config.init_from to a classifier of this dataset's classes, or "
                      "fine-tune (eval_only=False).")
+  stats_fit = bool(pretrained_stats and batch_stats and head_loaded and jax.tree.map(
+      np.shape, pretrained_stats) == jax.tree.map(np.shape, batch_stats))
+  if config.get("eval_only", False):
+    _check_evaluated_as_trained(config, report, bool(pretrained_stats) and not stats_fit)
   place = lambda tree, like: jax.tree.map(
       lambda v, t: v if isinstance(v, jax.Array) else _global_array(v, t), tree, like)
-  if pretrained_stats and batch_stats and head_loaded and jax.tree.map(
-      np.shape, pretrained_stats) == jax.tree.map(np.shape, batch_stats):
+  if stats_fit:
     logging.info("  with the BatchNorm statistics of its head.")
     batch_stats = place(pretrained_stats, batch_stats)
   return place(merged, target), batch_stats
+
+
+def _check_evaluated_as_trained(config: ml_collections.ConfigDict, report: Dict[str, Any],
+                                stats_dropped: bool) -> None:
+  """ValueError when eval_only would evaluate init_from's head behind other features than it
+  was trained on: params of the model left fresh (a pooling of another kind: fc_norm or
+  encoder_norm missing), or a linear probe's BatchNorm statistics dropped."""
+  fresh = report["missing"]
+  if fresh:
+    raise ValueError(
+        f"config.eval_only=True evaluates {config.init_from} as it was trained, but this "
+        f"model would compute with fresh {', '.join(fresh[:6])}: the checkpoint pools its "
+        "features another way. Use the config of the job that trained it (configs/"
+        "finetune_*.py: global_pool=True; configs/linprobe_*.py: the cls token).")
+  if stats_dropped:
+    raise ValueError(
+        f"config.eval_only=True evaluates {config.init_from} as it was trained, but its head "
+        "was trained behind a BatchNorm (a linear probe) that this model lacks: use a linear "
+        "probing config (config.model.head_batchnorm=True).")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -229,6 +229,22 @@ def test_init_from_of_another_model_is_an_error_listing_it_unless_a_partial_star
       raise AssertionError(f"eval_only from {source!r} passed")
     except ValueError as e:
       assert "config.eval_only=True" in str(e) and what in str(e), str(e)
+  # ... and the head as it was trained: a probe's head (cls token, BatchNorm) evaluated in a
+  # fine-tuning model (pooled tokens, fresh fc_norm, no BatchNorm) scores a wrong number.
+  stats = {"head_norm": {"mean": np.full((32,), 0.5, np.float32),
+                         "var": np.full((32,), 2.0, np.float32)}}
+  probe_state = _fresh_state("linprobe")
+  checkpoint.save_params(str(tmp_path / "probe"), jax.device_get(probe_state.params),
+                         _config("linprobe"), batch_stats=stats)
+  checkpoint.save_params(str(tmp_path / "bn"), jax.device_get(state.params), _config("finetune"),
+                         batch_stats=stats)
+  for source, what in (("probe", "fc_norm"), ("bn", "BatchNorm")):
+    try:
+      _start(_config("finetune", init_from=str(tmp_path / source), eval_only=True))
+      raise AssertionError(f"eval_only from {source} passed")
+    except ValueError as e:
+      assert "config.eval_only=True" in str(e) and what in str(e), str(e)
+  _start(_config("linprobe", init_from=str(tmp_path / "probe"), eval_only=True))
   # Other heads: no shape shows them, the saved config does.
   _pretrained_workdir(tmp_path / "h4", num_heads=4)
   try:
