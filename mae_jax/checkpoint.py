@@ -530,6 +530,8 @@ def _params_in(path: epath.Path) -> Optional[Tuple[epath.Path, Optional[Callable
       return path / PARAMS, lambda: ml_collections.ConfigDict(_saved_config(path))
     return path / PARAMS, _config_reader(path / CONFIG_JSON)
   if (path / "_METADATA").exists():
+    if (path.parent / "config").is_dir():  # the params/ of a training step: its config item
+      return path, lambda: ml_collections.ConfigDict(_saved_config(path.parent))
     return path, _config_reader(path.parent / CONFIG_JSON)
   return None
 

@@ -79,6 +79,10 @@ def test_training_checkpoints_are_step_folders_and_load_params_takes_the_newest(
   assert loaded_config.seed == 7
   params, _ = checkpoint.load_params(str(tmp_path / "checkpoints" / "6"))
   jax.tree.map(np.testing.assert_array_equal, params, _params(6))
+  # A step's params/ folder comes with that step's config (export needs its head count).
+  params, step_config = checkpoint.load_params(str(tmp_path / "checkpoints" / "6" / "params"))
+  jax.tree.map(np.testing.assert_array_equal, params, _params(6))
+  assert step_config is not None and step_config.seed == 7
 
   restored = checkpoint.restore_latest(mngr, _abstract(_state(_params(), 0)))
   assert int(restored.step) == 9
