@@ -51,7 +51,8 @@ def _field_names(config: ml_collections.ConfigDict, prefix: str = "config.") -> 
 
 def _fields_lacking(config: ml_collections.ConfigDict, mode: str) -> List[str]:
   """The fields that `mode`'s own config (config_lib) has and `config` lacks, such as a linear
-  probing config's missing `config.augment` when config.mode is set to "finetune"."""
+  probing config's missing `config.augment` when config.mode is set to "finetune" (the mode
+  field itself aside)."""
   from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   template = {"pretrain": config_lib.pretrain_config, "finetune": config_lib.finetune_config,
               "linprobe": config_lib.linprobe_config}[mode]("vit_b")
@@ -75,11 +76,12 @@ def config_problems(config: ml_collections.ConfigDict, *, device_count: int,
   if mode not in JOBS:
     return [f"config.mode={mode!r} is not one of {JOBS}; start from a config in configs/."]
   lacking = _fields_lacking(config, mode)
-  if lacking:
+  made_for = [job for job in JOBS if lacking and not _fields_lacking(config, job)]
+  if made_for:  # a whole config of another job; a config missing a field or two goes on
     more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
     return [f"config.mode={mode!r}, but this config lacks {', '.join(lacking[:4])}{more}: it "
-            f"was made for another job, and config.mode alone does not turn it into one. Start "
-            f"from a {mode} config file ({_CONFIG_FILES[mode]})."]
+            f"was made for {made_for[0]}, and config.mode alone does not turn it into a "
+            f"{mode} config. Start from a {mode} config file ({_CONFIG_FILES[mode]})."]
   classifier = mode in CLASSIFIER_JOBS
   m, o, mesh = config.model, config.optimizer, config.mesh
   errors = []

@@ -138,6 +138,11 @@ def test_a_config_of_another_job_is_refused_whatever_config_mode_says():
     problems = config_checks.config_problems(config, device_count=1, process_count=1)
     assert len(problems) == 1 and problems[0].startswith(f"config.mode={mode!r}"), problems
     assert lacking in problems[0] and start in problems[0], problems
+  # A config of the right job that lacks a field or two is not taken for another job's.
+  config = config_lib.finetune_config("vit_b")
+  del config.augment["reprob"]
+  problems = config_checks.config_problems(config, device_count=1, process_count=1)
+  assert not any("made for" in p for p in problems), problems
 
 
 def test_main_refuses_a_config_of_another_job_in_a_few_lines(tmp_path):
