@@ -32,6 +32,7 @@ from mae_jax import convert
 from mae_jax import loss_scale
 from mae_jax import models
 from mae_jax import optim
+from mae_jax import plot
 from mae_jax import trainer
 # One check for every job's config; importable from here as it always was.
 from mae_jax.config_checks import validate_config  # pylint: disable=unused-import
@@ -405,4 +406,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
 
   state, _ = session.run(one_step, batches, after_step)
   session.close()
+  if session.is_main:
+    logging.info("Wrote %s", plot.write([workdir]))
   return state

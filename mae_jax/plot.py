@@ -7,7 +7,7 @@ colour per run, named by the workdir. A fine-tuning or linear probing run's `eva
 in the accuracy panel as well (dashed), and `input_wait` (the fraction of step time spent
 waiting for input) as a dotted line on the images/s panel's right axis, when the rows have
 them. The PNG goes to DIR/curves.png of the first workdir unless --output says otherwise;
-pretraining writes it there at the end.
+every training run (pretraining, fine-tuning, linear probing) writes it there at the end.
 """
 
 import io

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,9 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
     assert r["eval_examples"] == 360  # the whole test split, padding excluded
     assert 0 <= r["eval_top1"] <= r["eval_top5"] <= 100
   assert [r["step"] for r in _rows(workdir) if "loss" in r] == [2, 4]
+  # As pretraining does, the run draws its curves at the end (loss, lr, eval top-1).
+  with open(os.path.join(workdir, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Rerunning the command restores the final checkpoint and has nothing left to do.
   rows = _rows(workdir)
   again = finetune.train_and_evaluate(config, workdir)
