@@ -184,6 +184,10 @@ def start_params(config: ml_collections.ConfigDict, params: Params, target: Para
   for kind in ("missing", "mismatched", "extra"):
     if report[kind]:
       logging.info("  %s (%d): %s", kind, len(report[kind]), ", ".join(report[kind]))
+  if report["pos_embedding"]:
+    logging.info("  position table resized from the checkpoint's patch grid to this model's: "
+                 "%s (bicubic, as the official interpolate_pos_embed).",
+                 report["pos_embedding"][0])
   if problems:
     logging.warning("config.init_partial: a partial start, fresh where %s", "; ".join(problems))
   if any(m.startswith("head/") for m in report["mismatched"]):

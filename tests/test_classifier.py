@@ -140,7 +140,9 @@ def test_resample_posemb_is_torch_bicubic_interpolation():
 
 def test_position_table_is_resampled_to_a_new_image_size():
   model = VisionTransformer(**dict(VIT, img_size=48), global_pool=False)
-  params, _ = merge_pretrained(_shapes(model)["params"], _mae_params(), pretrained_grid=(4, 4))
+  params, report = merge_pretrained(_shapes(model)["params"], _mae_params(),
+                                    pretrained_grid=(4, 4))
+  assert report["pos_embedding"] == ["4x4 -> 6x6"]  # logged, as the official code prints it
   table = sincos_pos_embed_2d(64, (4, 4))
   expected = np.concatenate([table[:1], resample_posemb(table[1:], (4, 4), (6, 6))])
   np.testing.assert_allclose(params["pos_embedding"][0], expected, atol=1e-6)

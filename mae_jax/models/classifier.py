@@ -151,7 +151,8 @@ def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, in
   (rows, cols) patch grid and `pretrained_grid` the pretrained model's; either may be left
   out where the table is square (`pretrained_grid` then defaults to `grid`). Returns
   (params, report) with the sorted "missing" (kept fresh), "mismatched" (shape differs, kept
-  fresh) and "extra" (unused) paths as "a/b/c" strings. Raises ValueError when a grid does
+  fresh) and "extra" (unused) paths as "a/b/c" strings, and "pos_embedding": ["RxC -> RxC"]
+  when the table was resized to another grid ([] otherwise). Raises ValueError when a grid does
   not match its table's length.
   """
   params = dict(params)
@@ -172,7 +173,9 @@ def merge_pretrained(params, pretrained, pretrained_grid: Optional[Tuple[int, in
       [table[:1], resample_posemb(table[1:], old_grid, grid)])[None]
   fresh = traverse_util.flatten_dict(params)
   loaded = traverse_util.flatten_dict(pretrained)
-  report = {"missing": [], "mismatched": [], "extra": []}
+  report = {"missing": [], "mismatched": [], "extra": [], "pos_embedding": []}
+  if tuple(old_grid) != tuple(grid):
+    report["pos_embedding"].append(f"{old_grid[0]}x{old_grid[1]} -> {grid[0]}x{grid[1]}")
   merged = {}
   for path, value in fresh.items():
     name = "/".join(path)
