@@ -6,8 +6,9 @@ DIR: a pretraining workdir (its newest checkpoint), one step folder, a fine-tuni
 probing workdir, or one written by `mae_jax.convert` (full or encoder-only). The features are
 the kNN monitor's (mae_jax.monitor): for an MAE the encoder sees every patch (no masking) and
 gives its cls token (or, with --feature=mean, the mean of its patch tokens) after encoder_norm;
-for a fine-tuned or probed classifier they are what its head sees. Images are center crops
-(input.eval_crop_pct) at the model's size, normalized as in training.
+for a fine-tuned or probed classifier they are the pooled feature its head takes (a linear
+probe's before the head's BatchNorm). Images are center crops (input.eval_crop_pct) at the
+model's size, normalized as in training.
 
 The npz holds `features` float32 [N, D], `labels` int32 [N] (in the split's order, or that of a
 random subset with --num_examples), and `dataset`, `split` (strings). The dataset defaults to
