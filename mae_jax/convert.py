@@ -742,6 +742,13 @@ def checked_conversion(state_dict: Mapping[str, Any], config=None,
     raise ValueError("the checkpoint's facts disagree with --config (the file wins: set these "
                      "fields to the checkpoint's values, or leave out --config): "
                      + "; ".join(problems))
+  # The model fields no array fixes (mask ratio, dtype, heads, ...) get the one config check,
+  # so that what is written is a config the commands that read it accept.
+  from mae_jax import config_checks  # pylint: disable=g-import-not-at-top
+  problems = [p for p in config_checks.config_problems(config, device_count=1, process_count=1)
+              if p.startswith("config.model.")]
+  if problems:
+    raise ValueError("the config's model is not one mae_jax can run: " + " ".join(problems))
   if "decoder_embed_dim" in facts and "norm_pix_loss" not in facts and not hf_config:
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.warning(

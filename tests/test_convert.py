@@ -373,3 +373,17 @@ def test_a_conversion_cut_short_never_pairs_new_params_with_the_old_config(tmp_p
   got, config = checkpoint.load_params(str(out))
   assert config is None
   jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
+def test_model_fields_no_array_fixes_are_checked_before_anything_is_written(tmp_path):
+  """A mask ratio, dtype or head count that mae_jax cannot run was written into config.json
+  (mask_ratio=1.5 converted silently; dtype='float8' ended in a TypeError traceback)."""
+  sd, _ = _official_mae()
+  for overrides, message in (
+      (dict(mask_ratio=1.5), r"config.model.mask_ratio=1.5 is outside \[0, 1\)"),
+      (dict(dtype="float8"), r"config.model.dtype='float8' is not one of"),
+      (dict(num_heads=3), r"config.model.num_heads=3 does not divide config.model.embed_dim=32")):
+    with pytest.raises(ValueError, match=r"the config's model is not one mae_jax can run: "
+                                         + message):
+      convert.convert_state_dict(sd, str(tmp_path / "w"), _pretrain_config(**overrides))
+  assert not (tmp_path / "w").exists()
