@@ -265,6 +265,16 @@ def _unknown_field(argv: Sequence[str], config_path: str) -> Optional[str]:
       field = match.group(1)
       guess = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
       hint = f" Did you mean --config.{guess[0]}?" if guess else ""
+      jobs = [f"{mode} (configs/{files})" for mode, make, files in (
+          ("pretraining", pretrain_config, "vit_*.py, demo*.py"),
+          ("fine-tuning", finetune_config, "finetune_*.py"),
+          ("linear probing", linprobe_config, "linprobe_*.py")) if field in _field_paths(
+              make("vit_b"))]
+      if jobs:  # an exact field of another job says more than a near name of this one
+        hint = f" It is a field of {' and '.join(jobs)} configs."
+        if field == "init_from" and config.get("mode") == "pretrain":
+          hint += (" Pretraining starts from a converted checkpoint when --workdir is the "
+                   "workdir mae_jax.convert wrote (its params/ start the run).")
       return (f"--config.{field}: {config_path} has no field config.{field}.{hint} The fields "
               f"are documented in {CONFIG_DOCS}.")
   return None

@@ -222,6 +222,23 @@ def test_convert_visualize_and_stats_answer_a_wrong_field_or_file_in_a_few_lines
   assert not (tmp_path / "w").exists()
 
 
+def test_a_field_of_another_job_is_named_as_such_not_as_a_typo():
+  """--config.init_from on a pretraining config (the official main_pretrain.py user's way to
+  start from weights) once got only "has no field"; --config.model.mask_ratio on a fine-tuning
+  config was taken for a misspelt mlp_ratio."""
+  # pylint: disable=protected-access
+  message = config_lib._unknown_field(["--config.init_from=w"], f"{REPO}/configs/demo.py")
+  assert ("has no field config.init_from. It is a field of fine-tuning (configs/finetune_*.py) "
+          "and linear probing (configs/linprobe_*.py) configs. Pretraining starts from a "
+          "converted checkpoint when --workdir is the workdir mae_jax.convert wrote") in message
+  message = config_lib._unknown_field(["--config.model.mask_ratio=0.5"],
+                                      f"{REPO}/configs/finetune_demo.py")
+  assert "It is a field of pretraining (configs/vit_*.py, demo*.py) configs." in message
+  assert "mlp_ratio" not in message
+  message = config_lib._unknown_field(["--config.total_stepz=5"], f"{REPO}/configs/demo.py")
+  assert "Did you mean --config.total_steps?" in message and "It is a field" not in message
+
+
 def test_a_wrong_input_field_is_named_once(tmp_path):
   # The trainer's checks and the input pipeline's own both cover input.batch_size.
   result = _main(tmp_path, f"--config={REPO}/configs/demo.py", "--workdir=run",
