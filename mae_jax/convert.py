@@ -528,7 +528,11 @@ def fit_config(model_config, facts: Mapping[str, Fact]) -> List[str]:
     else:
       same = ours == fact.value
     if not same:
-      problems.append(f"config.model.{field}={ours!r}, but the checkpoint's is {fact!r}")
+      problems.append(f"config.model.{field}={ours!r}, but the checkpoint's is {fact!r}"
+                      + (" (to fine-tune or evaluate at another size, convert at the file's "
+                         "and set the new img_size in the fine-tuning run: init_from resizes "
+                         "the position table as the official interpolate_pos_embed does)"
+                         if field == "img_size" else ""))
   return problems
 
 

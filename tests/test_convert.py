@@ -53,6 +53,10 @@ def test_config_fields_that_disagree_with_the_file_are_refused_naming_both(tmp_p
   for field, (value, message) in cases.items():
     with pytest.raises(ValueError, match=message):
       convert.checked_conversion(sd, _pretrain_config(**{field: value}))
+  # Another image size has a way, which the message gives (the official code interpolates).
+  with pytest.raises(ValueError, match=r"to fine-tune or evaluate at another size, convert at "
+                                       r"the file's and set the new img_size"):
+    convert.checked_conversion(sd, _pretrain_config(img_size=64))
   # Several at once are all named; nothing was written.
   with pytest.raises(ValueError, match=r"depth=3.*img_size=64"):
     convert.convert_state_dict(sd, str(tmp_path / "w"), _pretrain_config(img_size=64, depth=3))
