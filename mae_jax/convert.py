@@ -10,7 +10,9 @@ transformers ViTMAE checkpoint (a `save_pretrained` directory, `model.safetensor
 `pytorch_model.bin`: `ViTMAEForPreTraining`, or `ViTMAEModel` as an encoder-only checkpoint,
 with the `config.json` beside it when there is one), or an `.npz` of official keys. A `.pth`
 holds the state dict under "model" (as the official code saves it) or is the state dict itself;
-`module.` and `_orig_mod.` prefixes are dropped.
+`module.` and `_orig_mod.` prefixes are dropped. A `.pth` is read with
+`torch.load(weights_only=True)` (tensors, plain containers and the official flags' `args`), so
+that a downloaded file cannot run code; `--trust_pickle` reads one that pickles other objects.
 
 The checkpoint's own facts win over a config's guess: the model fields its arrays fix (patch
 size, channels, widths, depths, MLP ratio, the patch grid from the length of its position
@@ -24,9 +26,12 @@ command line a checkpoint, config or workdir that cannot be converted ends in a 
 it, with exit status 2.
 """
 
+import argparse
+import functools
 import json
 import math
 import os
+import pickle
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -600,9 +605,42 @@ def _read_npz(path: str) -> Dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def _read_torch(path: str) -> Any:
+# Beside tensors and plain containers, what the official main_pretrain.py / main_finetune.py
+# pickle into every checkpoint: their command-line flags ("args").
+_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+class UnsafePickleError(ValueError):
+  """A torch.save file that pickles Python objects torch.load(weights_only=True) refuses."""
+
+
+def _read_torch(path: str, trust_pickle: bool = False) -> Any:
+  """torch.load(path) on the CPU. By default with `weights_only=True` (tensors, plain
+  containers and the official flags' argparse.Namespace only: unpickling anything else can run
+  code); UnsafePickleError names what else the file pickles. `trust_pickle`: a full unpickle."""
   import torch  # pylint: disable=g-import-not-at-top
-  return torch.load(path, map_location="cpu", weights_only=False)
+  if trust_pickle:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  try:
+    with torch.serialization.safe_globals(list(_SAFE_GLOBALS)):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    try:
+      unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError):
+      unsafe = []  # not a zip checkpoint (cut short, or another kind of file): said below
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _SAFE_GLOBALS}
+    unsafe = [name for name in unsafe if name not in allowed]
+    if not unsafe:
+      raise
+    raise UnsafePickleError(
+        f"{path} pickles Python objects beside tensors ({', '.join(unsafe[:5])}"
+        f"{', ...' if len(unsafe) > 5 else ''}), which torch.load(weights_only=True) does not "
+        f"load because unpickling them can run any code (a whole model saved with "
+        f"torch.save(model) is such a file). If you trust where the file came from, convert "
+        f"it with --trust_pickle (convert(..., trust_pickle=True)); or, where that model's "
+        f"code imports, save its state dict: torch.save({{'model': model.state_dict()}}, PATH)"
+    ) from e
 
 
 def _weights_file(directory: str) -> str:
@@ -613,11 +651,13 @@ def _weights_file(directory: str) -> str:
                           "--torch_checkpoint at a save_pretrained directory or a weights file")
 
 
-def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+def load_torch_state_dict(path: str, trust_pickle: bool = False) -> Dict[str, np.ndarray]:
   """The state dict of a checkpoint file or directory, its own key names, float32 numpy: an
   official `.pth` (its "model" entry), an `.npz`, a `.safetensors`, a `pytorch_model.bin`, a
-  sharded one's `*.index.json`, or a save_pretrained directory."""
-  return _load(path)[0]
+  sharded one's `*.index.json`, or a save_pretrained directory. torch files are read with
+  `weights_only=True` unless `trust_pickle` (`_read_torch`); UnsafePickleError (a ValueError)
+  for a file that pickles other objects."""
+  return _load(path, trust_pickle)[0]
 
 
 def recorded_args(checkpoint: Any) -> Dict[str, Any]:
@@ -630,8 +670,9 @@ def recorded_args(checkpoint: Any) -> Dict[str, Any]:
   return {k: bool(fields[k]) for k in ("norm_pix_loss",) if k in fields}
 
 
-def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-  """(load_torch_state_dict(path), recorded_args of the file)."""
+def _load(path: str, trust_pickle: bool = False
+          ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+  """(load_torch_state_dict(path, trust_pickle), recorded_args of the file)."""
   path = os.fspath(path)
   if os.path.isdir(path):
     path = _weights_file(path)
@@ -640,14 +681,16 @@ def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     out = {}
     for shard in shards:
-      out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard)))
+      out.update(load_torch_state_dict(os.path.join(os.path.dirname(path), shard),
+                                       trust_pickle))
     return out, {}
   if path.endswith(".npz"):
     reader, kind = _read_npz, "numpy .npz file"
   elif path.endswith(".safetensors"):
     reader, kind = _read_safetensors, ".safetensors file"
   else:
-    reader, kind = _read_torch, "PyTorch checkpoint (torch.save)"
+    reader, kind = functools.partial(_read_torch, trust_pickle=trust_pickle), \
+        "PyTorch checkpoint (torch.save)"
     try:
       import torch  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
@@ -657,7 +700,7 @@ def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   try:
     checkpoint = reader(path)
-  except (FileNotFoundError, PermissionError):
+  except (FileNotFoundError, PermissionError, UnsafePickleError):
     raise
   except (ImportError, AttributeError) as e:  # a pickled class that is not importable here
     raise ValueError(
@@ -680,15 +723,17 @@ def _load(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
           recorded_args(checkpoint))
 
 
-def load_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
-  """(state dict with official keys, the transformers config.json beside it or None)."""
-  return read_checkpoint(path)[:2]
+def load_checkpoint(path: str, trust_pickle: bool = False
+                    ) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+  """(state dict with official keys, the transformers config.json beside it or None);
+  `trust_pickle` as in `load_torch_state_dict`."""
+  return read_checkpoint(path, trust_pickle)[:2]
 
 
-def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]],
-                                        Dict[str, Any]]:
+def read_checkpoint(path: str, trust_pickle: bool = False
+                    ) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]], Dict[str, Any]]:
   """load_checkpoint(path) and the model fields its official `args` record (`recorded_args`)."""
-  sd, recorded = _load(path)
+  sd, recorded = _load(path, trust_pickle)
   directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   hf_config = None
   if is_transformers(sd) and os.path.exists(os.path.join(directory, "config.json")):
@@ -814,10 +859,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], workdir: str, config=None,
   return params, batch_stats, config
 
 
-def convert(torch_checkpoint: str, workdir: str, config=None):
-  """Converts a checkpoint file or directory (see the module docstring) into `workdir`."""
+def convert(torch_checkpoint: str, workdir: str, config=None, trust_pickle: bool = False):
+  """Converts a checkpoint file or directory (see the module docstring) into `workdir`.
+  `trust_pickle`: read a torch file that pickles Python objects beside tensors (see
+  `load_torch_state_dict`)."""
   check_target(workdir)  # before reading a file of gigabytes
-  state_dict, hf_config, recorded = read_checkpoint(torch_checkpoint)
+  state_dict, hf_config, recorded = read_checkpoint(torch_checkpoint, trust_pickle)
   return convert_state_dict(state_dict, workdir, config, hf_config, source=torch_checkpoint,
                             recorded=recorded)
 
@@ -828,7 +875,7 @@ def main(argv: Sequence[str]) -> None:
   from mae_jax import writers  # pylint: disable=g-import-not-at-top
   writers.show_own_info_logs()
   try:
-    convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value)
+    convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value, _TRUST_PICKLE.value)
   except (ValueError, FileNotFoundError) as e:  # the file, the workdir or the config: named
     from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
     config_lib.usage_error(f"{e}\nNothing was written.")
@@ -846,5 +893,9 @@ if __name__ == "__main__":
       lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the converted checkpoint.",
                                  required=True)
+  _TRUST_PICKLE = flags.DEFINE_bool(
+      "trust_pickle", False, "Read a torch file that pickles Python objects beside tensors (a "
+      "whole model saved with torch.save(model)): unpickling them can run any code, so only "
+      "for a file from a source you trust. Default: torch.load(weights_only=True).")
   from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=lambda argv: config_lib.parse_flags(argv, _CONFIG))

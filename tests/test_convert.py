@@ -326,10 +326,11 @@ def test_the_decoders_target_recorded_in_the_official_args_wins_and_is_otherwise
   assert "decoder learned" not in caplog.text
 
 
-def test_a_whole_model_saved_with_torch_save_gives_its_state_dict_or_the_fix(tmp_path,
-                                                                              monkeypatch):
-  """torch.save(model) pickles the model's class by reference: where that class imports, its
-  state_dict() converts; elsewhere the error says so and how to save a state dict (it once
+def test_a_whole_model_saved_with_torch_save_is_read_only_when_trusted(tmp_path, monkeypatch):
+  """torch.save(model) pickles the model's class by reference, and unpickling it can run any
+  code: by default the file is refused, naming the class and the two ways on (it was once read
+  with weights_only=False, so a downloaded .pth ran what it held). Trusted, where that class
+  imports, its state_dict() converts; elsewhere the error says how to save a state dict (it once
   read as 'a file cut short')."""
   (tmp_path / "user_models.py").write_text(
       "import torch\n"
@@ -345,8 +346,13 @@ def test_a_whole_model_saved_with_torch_save_gives_its_state_dict_or_the_fix(tmp
   sd, params = _official_mae()
   torch.save(user_models.Encoder({k: torch.from_numpy(v) for k, v in sd.items()}),
              tmp_path / "whole.pth")
+  with pytest.raises(convert.UnsafePickleError,
+                     match=r"whole.pth pickles Python objects beside tensors \(user_models."
+                           r"Encoder.*--trust_pickle.*torch.save\(\{'model': model.state_dict"):
+    convert.convert(str(tmp_path / "whole.pth"), str(tmp_path / "refused"), _pretrain_config())
+  assert not (tmp_path / "refused" / "params").exists()
   got, _, _ = convert.convert(str(tmp_path / "whole.pth"), str(tmp_path / "w"),
-                              _pretrain_config())
+                              _pretrain_config(), trust_pickle=True)
   jax.tree.map(np.testing.assert_array_equal, got, params)
   monkeypatch.delitem(sys.modules, "user_models")
   monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
@@ -354,7 +360,38 @@ def test_a_whole_model_saved_with_torch_save_gives_its_state_dict_or_the_fix(tmp
                                        r"importable here \(ModuleNotFoundError: No module named "
                                        r"'user_models'\).*torch.save\(\{'model': model."
                                        r"state_dict\(\)\}, PATH\)"):
-    convert.load_torch_state_dict(str(tmp_path / "whole.pth"))
+    convert.load_torch_state_dict(str(tmp_path / "whole.pth"), trust_pickle=True)
+
+
+def test_an_official_training_checkpoint_reads_without_unpickling_code(tmp_path, monkeypatch):
+  """What main_pretrain.py's save_model writes (model, AdamW state, epoch, loss scaler, the
+  argparse flags) converts under torch.load(weights_only=True); nothing is unpickled with
+  weights_only=False on the way."""
+  sd, params = _official_mae()
+  model = torch.nn.Linear(4, 4)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95))
+  model(torch.ones(2, 4)).sum().backward()
+  optimizer.step()
+  args = argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True, blr=1.5e-4,
+                            output_dir="./output_dir", resume="", device="cuda")
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
+              "optimizer": optimizer.state_dict(), "epoch": 799,
+              "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                         "growth_interval": 2000, "_growth_tracker": 17},
+              "args": args}, tmp_path / "checkpoint-799.pth")
+  loads = []
+  real_load = torch.load
+
+  def recording_load(*a, **kw):
+    loads.append(kw.get("weights_only"))
+    return real_load(*a, **kw)
+
+  monkeypatch.setattr(torch, "load", recording_load)
+  got, _, config = convert.convert(str(tmp_path / "checkpoint-799.pth"), str(tmp_path / "w"),
+                                   _pretrain_config())
+  assert loads == [True]
+  assert config.model.norm_pix_loss
+  jax.tree.map(np.testing.assert_array_equal, got, params)
 
 
 def test_a_conversion_cut_short_never_pairs_new_params_with_the_old_config(tmp_path,
