@@ -513,7 +513,7 @@ class Session:
       self.lock.release()  # a refused start leaves the workdir free (and as it found it)
       raise
     self.start = int(self.state.step)
-    self.writer = writers.MetricWriter(workdir, enabled=self.is_main)
+    self.writer = writers.MetricWriter(workdir, enabled=self.is_main, resume_step=self.start)
     self._bar = None
     self._reporter = None
 

@@ -93,6 +93,38 @@ def read_metrics(workdir: str) -> list:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _rows_up_to(text: str, step: int, path: epath.Path) -> str:
+  """metrics.jsonl `text` without the rows of steps after `step` and without lines that do not
+  parse (a write cut short); rewritten at `path` (whole, through a temporary file and a rename
+  on a file system) when anything was dropped."""
+  kept, dropped, broken = [], 0, 0
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      row_step = json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+      broken += 1
+      continue
+    if row_step > step:
+      dropped += 1
+    else:
+      kept.append(line + "\n")
+  if not (dropped or broken or not text.endswith("\n")):
+    return text
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.info("%s: dropped %d rows after step %d (they are logged again)%s.", path, dropped,
+               step, f" and {broken} line(s) cut short by a crash" if broken else "")
+  new = "".join(kept)
+  if is_object_store(os.fspath(path)):
+    path.write_text(new)
+  else:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+  return new
+
+
 class _EventFile:
   """TensorBoard event files (TFRecord framing of `Event` protos) in one log directory.
 
@@ -119,6 +151,12 @@ class _EventFile:
   def _write(self, step: int = 0, **fields) -> None:
     event = self._event_pb2.Event(wall_time=time.time(), step=step, **fields)
     self._records.write(event.SerializeToString())
+
+  def restart(self, step: int) -> None:
+    """Marks a run restarting at `step`: TensorBoard drops the events of earlier files at this
+    step and after (its purge of orphaned data), which the restarted run writes again."""
+    self._write(step, session_log=self._event_pb2.SessionLog(
+        status=self._event_pb2.SessionLog.START))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     summary = self._summary_pb2.Summary(value=[
@@ -162,7 +200,11 @@ class MetricWriter:
   module docstring): a crash there loses at most that many seconds of rows."""
 
   def __init__(self, workdir: str, *, enabled: bool = True,
-               object_store_flush_s: float = 30.0):
+               object_store_flush_s: float = 30.0, resume_step: Optional[int] = None):
+    """`resume_step`: the step of the checkpoint a run resumes from. The rows an earlier run
+    wrote after it (their steps run again) are dropped, with a line cut short by a crash, so
+    that metrics.jsonl keeps one row per logged step; TensorBoard is told the same (a
+    SessionLog START event at resume_step + 1, from which it purges the earlier events)."""
     self._enabled = enabled
     self._workdir = epath.Path(workdir)
     self._events: Optional[_EventFile] = None
@@ -175,8 +217,14 @@ class MetricWriter:
       self._workdir.mkdir(parents=True, exist_ok=True)
       self._events = _EventFile(self._workdir / "tensorboard", object_store=self._object_store)
       metrics = self._workdir / METRICS_FILE
-      if self._object_store and metrics.exists():  # a resumed run keeps the earlier rows
+      if metrics.exists():  # a resumed run keeps the earlier rows
         self._text = metrics.read_text()
+        if resume_step is not None:
+          self._text = _rows_up_to(self._text, resume_step, metrics)
+      if resume_step is not None:
+        self._events.restart(resume_step + 1)
+      if not self._object_store:
+        self._text = ""
 
   def write_scalars(self, step: int, row: Mapping[str, Any]) -> None:
     """Adds `row` (which holds `step`) to metrics.jsonl and its numbers to TensorBoard."""

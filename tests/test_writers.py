@@ -249,3 +249,40 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, mo
        f"--output={tmp_path / 'a_file' / 'f.npz'}"], capture_output=True, text=True)
   assert result.returncode != 0
   assert "f.npz cannot be a file" in result.stderr and "No params" not in result.stderr
+
+
+@pytest.mark.parametrize("where", ["file system", "object store"])
+def test_a_resumed_run_keeps_one_row_per_step(tmp_path, where, request):
+  """A run killed after its checkpoint of step 4 had logged steps 5-6 and half a line; the run
+  resumed from step 4 logs 5-6 again. metrics.jsonl once held 5 and 6 twice and the broken line
+  (which stopped every reader); TensorBoard showed both runs' points."""
+  workdir = str(tmp_path / "run")
+  if where == "object store":
+    request.getfixturevalue("object_store")
+    workdir = "gs://bucket/run"
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  writer = writers.MetricWriter(workdir, object_store_flush_s=0, resume_step=0)
+  for step in range(1, 7):
+    writer.write_scalars(step, {"loss": 1.0 / step})
+  writer.write_scalars(4, {"knn_top1": 12.5})
+  writer.close()
+  metrics = epath.Path(workdir) / writers.METRICS_FILE
+  metrics.write_text(metrics.read_text() + '{"step": 7, "lo')  # the kill, mid-line
+
+  writer = writers.MetricWriter(workdir, object_store_flush_s=0, resume_step=4)
+  for step in (5, 6):
+    writer.write_scalars(step, {"loss": 2.0 / step})
+  writer.close()
+  rows = writers.read_metrics(workdir)
+  assert [(r["step"], r.get("loss")) for r in rows] == [
+      (1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25), (4, None), (5, 0.4), (6, 1 / 3)]
+
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  logdir = tmp_path / "tb"
+  logdir.mkdir()  # TensorBoard's reader needs a local directory
+  for path in sorted((epath.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
+    (logdir / path.name).write_bytes(path.read_bytes())
+  accumulator = event_accumulator.EventAccumulator(str(logdir))
+  accumulator.Reload()
+  assert [(e.step, round(e.value, 6)) for e in accumulator.Scalars("loss")] == [
+      (1, 1.0), (2, 0.5), (3, 0.333333), (4, 0.25), (5, 0.4), (6, 0.333333)]

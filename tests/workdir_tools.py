@@ -26,11 +26,12 @@ def rows(workdir) -> list:
 
 
 def losses(workdir) -> dict:
-  """step -> (loss, grad_norm, lr); every row of a step must agree (a resumed run repeats some)."""
+  """step -> (loss, grad_norm, lr); one row per step (a resumed run drops the rows it logs
+  again)."""
   out = {}
   for row in rows(workdir):
-    value = (row["loss"], row["grad_norm"], row["lr"])
-    assert out.setdefault(row["step"], value) == value, f"step {row['step']} differs"
+    assert row["step"] not in out, f"step {row['step']} logged twice"
+    out[row["step"]] = (row["loss"], row["grad_norm"], row["lr"])
   return out
 
 
