@@ -25,10 +25,12 @@ from mae_jax import distributed
 from mae_jax.input_pipeline.decode import DatasetMismatch
 from mae_jax import finetune
 from mae_jax import train
+from mae_jax import trainer
 from mae_jax import writers
 
 CONFIG_DOCS = config_lib.CONFIG_DOCS
 USAGE_ERROR = config_lib.USAGE_ERROR
+INTERRUPTED = 130  # the shell's status of a command stopped by Ctrl-C (128 + SIGINT)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, f"A config file (configs/*.py). Its fields are documented in {CONFIG_DOCS} "
@@ -67,6 +69,8 @@ def main(argv) -> None:
     sys.stderr.write(f"Error: {e}\nThe run stopped; checkpoints saved before it are kept, and a "
                      f"rerun with the same --workdir resumes from the newest.\n")
     sys.exit(1)
+  if trainer.stopped_by_ctrl_c():  # the checkpoint is saved; the command did not finish
+    sys.exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -208,37 +208,64 @@ def step_metrics(loss: jax.Array, grad_norm: jax.Array, lr: jax.Array, finite: j
 
 # --- the loop ---------------------------------------------------------------------------------
 
+# Set when Ctrl-C stopped a run after saving its checkpoint (`Preemption`): mae_jax.main then
+# exits with 130, the shell's status for an interrupted command, rather than 0.
+_stopped_by_ctrl_c = False
+
+
+def stopped_by_ctrl_c() -> bool:
+  """Whether Ctrl-C (SIGINT) stopped a run of this process after a save."""
+  return _stopped_by_ctrl_c
+
+
 class Preemption:
-  """A preemption notice (SIGTERM) asks the loop to save at the next step and stop.
+  """A preemption notice (SIGTERM) asks the loop to save at the next step and stop; so does a
+  first Ctrl-C (SIGINT) in a lone process, and a second one stops at once (KeyboardInterrupt).
 
   With several processes every host must stop at the same step, so jax's preemption sync point
-  (fed by the distributed runtime's own SIGTERM notifier) decides; a lone process uses a signal
-  handler.
+  (fed by the distributed runtime's own SIGTERM notifier) decides; a lone process uses signal
+  handlers. A SIGINT handler other than Python's default is left in place.
   """
 
   def __init__(self):
-    self._requested = False
-    self._previous = None
+    self._requested = None  # what asked to stop: "SIGTERM" or "Ctrl-C"
+    self._previous = {}
 
   def __enter__(self) -> "Preemption":
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint after the current step.")
-    self._requested = True
+    self._requested = self._requested or "SIGTERM"
+
+  def _on_sigint(self, signum, frame) -> None:
+    del signum, frame
+    # The next Ctrl-C raises KeyboardInterrupt at once, as without this handler.
+    signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+    logging.warning("Ctrl-C: saving a checkpoint after the current step, then stopping (Ctrl-C "
+                    "again stops at once, losing the steps since the last checkpoint).")
+    self._requested = self._requested or "Ctrl-C"
+
+  @property
+  def reason(self) -> Optional[str]:
+    """What asked this process to stop ("SIGTERM" or "Ctrl-C"), or None."""
+    return self._requested
 
   def reached(self, step: int) -> bool:
     """Whether to save at `step` and stop (the same answer on every process)."""
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested
+    return self._requested is not None
 
 
 def peak_memory() -> Tuple[float, str]:
@@ -386,7 +413,8 @@ def run_steps(state, batches: Iterator[Dict[str, np.ndarray]],
               after_step: Optional[Callable[[int, Any], None]] = None) -> Tuple[Any, int]:
   """The loop shared by pretraining and fine-tuning: runs `step_fn` on each batch from step
   `start` to `total`, reporting, checking for non-finite steps, saving every
-  config.checkpoint_every_steps and at the end, and stopping after a save on SIGTERM. Returns
+  config.checkpoint_every_steps and at the end, and stopping after a save on SIGTERM or a first
+  Ctrl-C (`Preemption`). Returns
   the state and the step it stopped at (`total` unless preempted)."""
   step = start
   # closing: an error that stops the run must also stop the input thread, or the interpreter
@@ -409,8 +437,14 @@ def run_steps(state, batches: Iterator[Dict[str, np.ndarray]],
       if preempted:
         reporter.flush(upto=step)
         checkpoint.save(manager, state, config, force=True)
-        logging.warning("Preempted: saved the checkpoint of step %d; run the same command to "
-                        "resume.", step)
+        if preemption.reason == "Ctrl-C":
+          global _stopped_by_ctrl_c
+          _stopped_by_ctrl_c = True
+          logging.warning("Stopped by Ctrl-C: saved the checkpoint of step %d; run the same "
+                          "command to resume.", step)
+        else:
+          logging.warning("Preempted: saved the checkpoint of step %d; run the same command "
+                          "to resume.", step)
         break
       if saving:
         checkpoint.save(manager, state, config)

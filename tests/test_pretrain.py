@@ -149,6 +149,32 @@ def test_sigterm_saves_the_current_step_and_exits_0(env, tmp_path):
   assert max(r["step"] for r in _rows(tmp_path)) == last  # every step done was logged
 
 
+def test_ctrl_c_saves_the_current_step_and_exits_130_and_the_rerun_resumes(env, tmp_path):
+  """A first Ctrl-C (SIGINT) saves the step just done and stops, as SIGTERM does, with the
+  shell's status of an interrupted command; it once died with a KeyboardInterrupt traceback,
+  losing the steps since the last checkpoint."""
+  log = tmp_path.parent / f"{tmp_path.name}.ctrl_c.log"
+  with open(log, "w") as f:  # SIGINT as a terminal delivers it, even if the caller ignores it
+    proc = subprocess.Popen(_command(tmp_path), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=f, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  proc.log = log
+  _wait_for(lambda: len(_rows(tmp_path)) >= 2, proc)
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=900)
+  text = log.read_text()
+  assert proc.returncode == 130, text[-3000:]
+  last = _steps(tmp_path)[-1]
+  assert last < STEPS, "the run finished before Ctrl-C arrived"
+  assert last % EVERY, "the saved step should be the one Ctrl-C stopped at, not a periodic one"
+  assert f"Stopped by Ctrl-C: saved the checkpoint of step {last}" in text
+  assert "Traceback" not in text
+  assert max(r["step"] for r in _rows(tmp_path)) == last
+  log, = _finish(_start(env, tmp_path))
+  assert f"Resumed from {tmp_path}/checkpoints/{last}." in log
+  assert sorted(_losses(tmp_path)) == list(range(1, STEPS + 1))
+
+
 def test_8_devices_with_fsdp_give_the_losses_of_1_device(runs):
   one, eight = _losses(runs["reference"]), _losses(runs["fsdp8"])
   assert sorted(one) == sorted(eight) == list(range(1, STEPS + 1))

@@ -1,8 +1,13 @@
 """mae_jax.trainer: the pieces that pretraining and fine-tuning share."""
 
+import os
+import signal
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mae_jax import trainer
 from mae_jax import writers
@@ -98,3 +103,24 @@ def test_a_float16_run_reports_its_loss_scale_and_other_runs_do_not(caplog):
     assert step == 2 and row.get("loss_scale") == expected
     assert ("loss scale 32768" in caplog.text) == (expected is not None)
     caplog.clear()
+
+
+def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once():
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with trainer.Preemption() as preemption:
+      assert not preemption.reached(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+      assert preemption.reached(2) and preemption.reason == "Ctrl-C"
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # A handler of the caller's own is left alone.
+    own = lambda signum, frame: None
+    signal.signal(signal.SIGINT, own)
+    with trainer.Preemption():
+      assert signal.getsignal(signal.SIGINT) is own
+  finally:
+    signal.signal(signal.SIGINT, previous)
