@@ -180,8 +180,9 @@ def _reconstruction_writer(config: ml_collections.ConfigDict, model: models.Mask
 def _start_params(config: ml_collections.ConfigDict, workdir: str, fresh: Params,
                   target: Params) -> Params:
   """The params in WORKDIR/params (mae_jax.convert's) to start pretraining from, checked
-  against the config (WrongModelError naming the fields that differ, heads included). An
-  encoder-only release (`mae_pretrain_vit_*.pth`) starts continued pretraining: its encoder
+  against the config (WrongModelError naming the fields that differ, heads included; a warning
+  when a decoder trained for the other `norm_pix_loss` target is switched). An encoder-only
+  release (`mae_pretrain_vit_*.pth`) starts continued pretraining: its encoder
   loaded, the decoder kept as freshly initialized."""
   from mae_jax import convert  # pylint: disable=g-import-not-at-top
   params, source = checkpoint.load_params(workdir, target=target,
@@ -191,6 +192,16 @@ def _start_params(config: ml_collections.ConfigDict, workdir: str, fresh: Params
     raise checkpoint.WrongModelError(
         f"The params in {workdir}/{checkpoint.PARAMS} do not fit this config: "
         + "; ".join(unseen) + ". Set those fields to the checkpoint's values.")
+  saved = (source.model.get("norm_pix_loss") if source is not None and "model" in source
+           else None)
+  if "decoder_pred" in params and saved is not None and saved != config.model.norm_pix_loss:
+    target = {True: "normalized patches", False: "pixels"}
+    logging.warning(
+        "The decoder in %s/%s was trained to predict %s (norm_pix_loss=%s); with "
+        "config.model.norm_pix_loss=%s continued pretraining switches it to %s. Set "
+        "--config.model.norm_pix_loss=%s to keep its target.", workdir, checkpoint.PARAMS,
+        target[saved], saved, config.model.norm_pix_loss, target[config.model.norm_pix_loss],
+        saved)
   fresh_parts = sorted(k for k in fresh if k not in params)
   logging.info("Starting from the params in %s/%s.", workdir, checkpoint.PARAMS)
   if fresh_parts:

@@ -345,3 +345,27 @@ def test_update_if_finite_updates_or_keeps_everything(branch):
     assert not bool(finite)
     jax.tree.map(np.testing.assert_array_equal, (got, got_opt, got_stats),
                  (params, opt_state, stats))
+
+
+def test_continued_pretraining_of_a_decoder_trained_for_the_other_target_warns(tmp_path,
+                                                                               caplog):
+  """A converted full checkpoint (WORKDIR/params) whose decoder predicts normalized patches,
+  pretrained on with norm_pix_loss=False: the target switches, which once happened silently."""
+  import logging  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  saved = _config(**{"model.norm_pix_loss": True})
+  model = models.from_config(saved.model)
+  mesh = jax.make_mesh((1, 1), train.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  tx = train.create_optimizer(saved, 1e-3)
+  abstract = train.abstract_train_state(model, tx, saved.seed, mesh)
+  fresh = train.create_train_state(model, tx, saved.seed, abstract).params
+  checkpoint.save_params(str(tmp_path), fresh, saved)
+  for norm_pix_loss, warned in ((True, False), (False, True)):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      params = train._start_params(_config(**{"model.norm_pix_loss": norm_pix_loss}),  # pylint: disable=protected-access
+                                   str(tmp_path), fresh, abstract.params)
+    assert ("trained to predict normalized patches (norm_pix_loss=True); with "
+            "config.model.norm_pix_loss=False continued pretraining switches it to pixels"
+            in caplog.text) == warned
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(fresh))
