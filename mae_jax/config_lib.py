@@ -1,6 +1,7 @@
 """Shared pieces of the configs in configs/: model sizes and the paper's pretraining recipe;
 and the parsing of the command lines' --config flag (`parse_flags`)."""
 
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -218,6 +219,18 @@ def usage_error(message: str) -> None:
   """Exits with `message` (a few lines) and the usual status of a wrong command line."""
   sys.stderr.write(f"Error: {message}\n")
   sys.exit(USAGE_ERROR)
+
+
+@contextlib.contextmanager
+def input_errors_end_the_command(note: str = ""):
+  """For the body of a command line's main: a ValueError or FileNotFoundError, which mae_jax
+  raises for input that cannot serve (a workdir, file, flag or config, its message naming it
+  and the fix), ends the command as a wrong flag does (`usage_error`: `Error: MESSAGE` and
+  `note`, exit status 2) rather than with a traceback."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    usage_error(f"{e}{note}")
 
 
 def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:

@@ -334,17 +334,19 @@ def main(argv) -> None:
   """`python -m mae_jax.export`: a workdir's encoder -> a big_vision-layout npz, or its model ->
   a transformers ViTMAE directory."""
   del argv
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mae_jax import writers  # pylint: disable=g-import-not-at-top
   writers.show_own_info_logs()
-  if _FORMAT.value == "transformers":
-    sd = export_transformers(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
-    print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "
-          f"{sum(v.size for v in sd.values()):,} numbers")
-    return
-  encoder = export_workdir(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
-  arrays = traverse_util.flatten_dict(encoder, sep="/")
-  print(f"wrote {_OUTPUT.value}: {len(arrays)} arrays, "
-        f"{sum(v.size for v in arrays.values()):,} parameters")
+  with config_lib.input_errors_end_the_command("\nNothing was written."):
+    if _FORMAT.value == "transformers":
+      sd = export_transformers(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
+      print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "
+            f"{sum(v.size for v in sd.values()):,} numbers")
+      return
+    encoder = export_workdir(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
+    arrays = traverse_util.flatten_dict(encoder, sep="/")
+    print(f"wrote {_OUTPUT.value}: {len(arrays)} arrays, "
+          f"{sum(v.size for v in arrays.values()):,} parameters")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint
 from mae_jax import config_checks
+from mae_jax import config_lib
 from mae_jax import distributed
 from mae_jax import monitor
 from mae_jax import writers
@@ -166,12 +167,13 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   writers.show_own_info_logs()
-  writers.check_writable(_OUTPUT.value)  # before a pass over the split that may take hours
-  distributed.initialize()
-  features, labels, dataset, split = extract(
-      checkpoint.absolute(_WORKDIR.value), split=_SPLIT.value, dataset=_DATASET.value,
-      data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value, num_examples=_NUM_EXAMPLES.value,
-      feature=_FEATURE.value)
+  with config_lib.input_errors_end_the_command():
+    writers.check_writable(_OUTPUT.value)  # before a pass over the split that may take hours
+    distributed.initialize()
+    features, labels, dataset, split = extract(
+        checkpoint.absolute(_WORKDIR.value), split=_SPLIT.value, dataset=_DATASET.value,
+        data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
+        num_examples=_NUM_EXAMPLES.value, feature=_FEATURE.value)
   if jax.process_index() == 0:
     path = save(_OUTPUT.value, features, labels, dataset, split)
     print(f"wrote {path}: features {features.shape[0]} x {features.shape[1]} float32, labels "

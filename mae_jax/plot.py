@@ -131,7 +131,9 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.plot`: curves of one or more runs as a PNG."""
   workdirs = list(_WORKDIR.value) + list(argv[1:])  # `--workdir=A B C` also works
-  print(write(workdirs, _OUTPUT.value))
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  with config_lib.input_errors_end_the_command():
+    print(write(workdirs, _OUTPUT.value))
 
 
 if __name__ == "__main__":

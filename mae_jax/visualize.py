@@ -249,9 +249,10 @@ def main(argv: Sequence[str]) -> None:
   paths = list(_IMAGES.value or []) + list(argv[1:])  # `--images a.jpg b.png` also works
   model_config = _CONFIG.value.model if _CONFIG.value is not None else None
   bands = [int(b) for b in _BANDS.value] if _BANDS.value else None
-  print(render(_WORKDIR.value, images=paths, output=_OUTPUT.value,
-               mask_ratio=_MASK_RATIO.value, seed=_SEED.value, model_config=model_config,
-               bands=bands))
+  with config_lib.input_errors_end_the_command():
+    print(render(_WORKDIR.value, images=paths, output=_OUTPUT.value,
+                 mask_ratio=_MASK_RATIO.value, seed=_SEED.value, model_config=model_config,
+                 bands=bands))
 
 
 if __name__ == "__main__":

@@ -199,9 +199,10 @@ def test_main_answers_a_wrong_field_in_a_few_lines(tmp_path, args, expected):
   assert not (tmp_path / "run").exists()
 
 
-def test_convert_visualize_and_stats_answer_a_wrong_field_or_file_in_a_few_lines(tmp_path):
+def test_every_command_answers_a_wrong_field_or_file_in_a_few_lines(tmp_path):
   """The commands with a --config besides main's once answered a misspelt field with a 30-line
-  traceback, and convert a bad checkpoint file with its ValueError's traceback."""
+  traceback, and convert a bad checkpoint file, export, visualize, extract and plot a workdir
+  that cannot serve with their ValueError's traceback."""
   (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
   config = f"--config={REPO}/configs/demo.py"
   cases = [
@@ -214,6 +215,13 @@ def test_convert_visualize_and_stats_answer_a_wrong_field_or_file_in_a_few_lines
        ["Did you mean --config.model.mask_ratio?"]),
       ("mae_jax.stats", [config, "--config.input.datset=x"],
        ["Did you mean --config.input.dataset?"]),
+      # A workdir that cannot serve: the other commands' ValueErrors, once tracebacks.
+      ("mae_jax.export", ["--workdir=nowhere", "--output=o.npz"],
+       ["Error: ", "nowhere does not exist: expected a workdir", "Nothing was written."]),
+      ("mae_jax.visualize", ["--workdir=nowhere"], ["Error: ", "nowhere does not exist"]),
+      ("mae_jax.extract", ["--workdir=nowhere", "--output=f.npz"],
+       ["Error: ", "nowhere does not exist"]),
+      ("mae_jax.plot", ["--workdir=."], ["Error: . has no metrics.jsonl rows"]),
   ]
   results = [_main(tmp_path, *args, module=module) for module, args, _ in cases]
   for (_, _, expected), result in zip(cases, results):
