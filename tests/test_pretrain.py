@@ -166,7 +166,7 @@ def test_ctrl_c_saves_the_current_step_and_exits_130_and_the_rerun_resumes(env, 
   assert proc.returncode == 130, text[-3000:]
   last = _steps(tmp_path)[-1]
   assert last < STEPS, "the run finished before Ctrl-C arrived"
-  assert last % EVERY, "the saved step should be the one Ctrl-C stopped at, not a periodic one"
+  # The step Ctrl-C stopped at is saved (it may be a periodic one too), and nothing after it.
   assert f"Stopped by Ctrl-C: saved the checkpoint of step {last}" in text
   assert "Traceback" not in text
   assert max(r["step"] for r in _rows(tmp_path)) == last
