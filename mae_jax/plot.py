@@ -102,7 +102,7 @@ def run_names(workdirs: Sequence[str]) -> List[str]:
 def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
   """Draws the runs of `workdirs` into `output` (default FIRST_WORKDIR/curves.png) and returns
   its path; a workdir listed twice is drawn once, with a warning. FileNotFoundError when a
-  workdir has no metrics.jsonl rows."""
+  workdir does not exist or has no metrics.jsonl rows."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   # normpath only compares: it would turn gs://bucket/run into gs:/bucket/run.
@@ -118,6 +118,9 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
   runs = {}
   for name, workdir in zip(run_names(workdirs), workdirs):
     rows = writers.read_metrics(str(workdir))
+    if not rows and not epath.Path(workdir).exists():
+      raise FileNotFoundError(f"{workdir} does not exist: give the --workdir of a run of "
+                              f"mae_jax.main.")
     if not rows:
       raise FileNotFoundError(f"{workdir} has no {writers.METRICS_FILE} rows; give a workdir "
                               f"of mae_jax.main that has logged at least one step.")

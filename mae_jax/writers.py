@@ -86,11 +86,26 @@ def format_duration(seconds: float) -> str:
 
 
 def read_metrics(workdir: str) -> list:
-  """The rows of WORKDIR/metrics.jsonl, in the order written."""
+  """The rows of WORKDIR/metrics.jsonl, in the order written. A last line cut short (a run
+  killed mid-write, not yet resumed: resuming drops it) is left out with a warning; a broken
+  line elsewhere is a ValueError naming the file and the line."""
   path = epath.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+           if line.strip()]
+  rows = []
+  for i, (number, line) in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}, line {number}, is not a JSON row ({e}): the file was "
+                         f"damaged or edited") from e
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("%s: its last line (%d) was cut short (a run killed while writing it); "
+                      "left out.", path, number)
+  return rows
 
 
 def _rows_up_to(text: str, step: int, path: epath.Path) -> str:

@@ -286,3 +286,18 @@ def test_a_resumed_run_keeps_one_row_per_step(tmp_path, where, request):
   accumulator.Reload()
   assert [(e.step, round(e.value, 6)) for e in accumulator.Scalars("loss")] == [
       (1, 1.0), (2, 0.5), (3, 0.333333), (4, 0.25), (5, 0.4), (6, 0.333333)]
+
+
+def test_a_last_line_cut_short_is_left_out_and_a_broken_one_elsewhere_named(tmp_path):
+  """A run killed mid-write and not yet resumed leaves half a row; mae_jax.plot (which reads
+  through read_metrics) once failed on it with a bare JSON error."""
+  path = tmp_path / writers.METRICS_FILE
+  path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+  assert writers.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 1.0},
+                                                 {"step": 2, "loss": 0.5}]
+  path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a JSON row"):
+    writers.read_metrics(str(tmp_path))
+  from mae_jax import plot  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match=r"nowhere does not exist"):
+    plot.write([str(tmp_path / "nowhere")])
