@@ -300,14 +300,14 @@ def _describe(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
-def parse_flags(argv: Sequence[str], config_flag) -> List[str]:
-  """absl's flag parsing for a command with a `--config` flag (`config_flag`, the holder
-  DEFINE_config_file returned), with a short message and exit status 2 instead of a traceback
-  for a config file that does not exist or does not load, a variant it does not have, a field
-  it does not have (with the field meant) or a value of the wrong type. Serves main, convert,
-  visualize and stats."""
+def parse_flags(argv: Sequence[str], config_flag=None) -> List[str]:
+  """absl's flag parsing with a short message and exit status 2 instead of absl's status 1 or
+  a traceback: for any wrong or missing flag, and for a command with a `--config` flag
+  (`config_flag`, the holder DEFINE_config_file returned) a config file that does not exist or
+  does not load, a variant it does not have, a field it does not have (with the field meant)
+  or a value of the wrong type. Serves every command line of mae_jax."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  config_arg = _flag_value(argv[1:], "config")
+  config_arg = _flag_value(argv[1:], "config") if config_flag is not None else None
   config_path = None if config_arg is None else config_arg.split(":", 1)[0]
   if config_path is not None and not os.path.isfile(config_path):
     usage_error(f"--config={config_arg}: no such config file {config_path!r}; use one of "

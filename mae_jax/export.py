@@ -361,4 +361,5 @@ if __name__ == "__main__":
   _NUM_HEADS = flags.DEFINE_integer("num_heads", None,
                                     "Attention heads: needed only for a workdir without a "
                                     "config.json; otherwise the config's (another is refused).")
-  app.run(main)
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=config_lib.parse_flags)

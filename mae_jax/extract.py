@@ -198,4 +198,4 @@ if __name__ == "__main__":
   _FEATURE = flags.DEFINE_enum("feature", None, list(monitor.FEATURES), "For MAE params: the "
                                "cls token or the mean of the patch tokens (default: the "
                                "config's monitor.feature, else cls).")
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

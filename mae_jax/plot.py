@@ -146,4 +146,5 @@ if __name__ == "__main__":
                                        "flag or list them after it).", required=True)
   _OUTPUT = flags.DEFINE_string("output", None, f"The PNG to write (default: the first "
                                 f"workdir's {CURVES_FILE}).")
-  app.run(main)
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -222,6 +222,9 @@ def test_every_command_answers_a_wrong_field_or_file_in_a_few_lines(tmp_path):
       ("mae_jax.extract", ["--workdir=nowhere", "--output=f.npz"],
        ["Error: ", "nowhere does not exist"]),
       ("mae_jax.plot", ["--workdir=."], ["Error: . has no metrics.jsonl rows"]),
+      # A required flag left out: absl's own error once exited 1 here.
+      ("mae_jax.export", ["--workdir=nowhere"], ["Error: ", "--output"]),
+      ("mae_jax.extract", ["--workdir=nowhere", "--nonsense=1"], ["Error: ", "nonsense"]),
   ]
   results = [_main(tmp_path, *args, module=module) for module, args, _ in cases]
   for (_, _, expected), result in zip(cases, results):
