@@ -232,9 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start, total = session.start, job.total
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("Training %s params on a %s mesh of %d devices (%d processes): steps %d -> %d, "
-               "%d steps per epoch, global batch %d.", f"{n_params:,}", dict(job.mesh.shape),
-               jax.device_count(), jax.process_count(), start, total, job.steps_per_epoch,
-               job.batch_size)
+               "global batch %d, %s.", f"{n_params:,}", dict(job.mesh.shape),
+               jax.device_count(), jax.process_count(), start, total, job.batch_size,
+               job.epoch_text())
 
   batches = input_pipeline.create_iterator(
       config.input, image_size=config.model.img_size, seed=config.seed, train=True,

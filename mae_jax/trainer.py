@@ -471,6 +471,14 @@ class Job:
   source: Any            # the training split (input_pipeline.Source), opened once per run
   eval_source: Any       # the evaluation split of fine-tuning and probing, else None
 
+  def epoch_text(self) -> str:
+    """How steps relate to passes over the training split, for the start-of-run log line."""
+    if self.num_examples >= self.batch_size:
+      n = self.steps_per_epoch
+      return f"{n} step{'s' * (n != 1)} per epoch of {self.num_examples:,} examples"
+    return (f"{self.batch_size / self.num_examples:.1f} passes over the {self.num_examples:,} "
+            f"examples per step (an epoch of the schedule is 1 step)")
+
   @property
   def batch_size(self) -> int:
     return self.config.input.batch_size

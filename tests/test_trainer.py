@@ -124,3 +124,17 @@ def test_a_first_ctrl_c_asks_for_a_save_and_a_second_stops_at_once():
       assert signal.getsignal(signal.SIGINT) is own
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_the_start_line_says_how_steps_relate_to_passes_over_the_data():
+  """The demo (7 photos, batch 64) once logged '1 steps per epoch' beside rows whose epoch
+  counter grows by 9.1 a step."""
+  import ml_collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  def job(num_examples, steps_per_epoch):
+    return trainer.Job(config=ml_collections.ConfigDict({"input": {"batch_size": 64}}),
+                       mesh=None, num_examples=num_examples, steps_per_epoch=steps_per_epoch,
+                       total=10, learning_rate=1e-3, source=None, eval_source=None)
+  assert job(7, 1).epoch_text() == ("9.1 passes over the 7 examples per step (an epoch of the "
+                                    "schedule is 1 step)")
+  assert job(1000, 15).epoch_text() == "15 steps per epoch of 1,000 examples"
+  assert job(64, 1).epoch_text() == "1 step per epoch of 64 examples"
