@@ -42,10 +42,6 @@ _JOBS = {"pretrain": train.train_and_evaluate, "finetune": finetune.train_and_ev
          "linprobe": finetune.train_and_evaluate}
 
 
-def _usage_error(message: str) -> None:
-  config_lib.usage_error(message)
-
-
 def parse_flags(argv: Sequence[str]) -> List[str]:
   """absl's flag parsing with short messages for a wrong config file or field
   (`config_lib.parse_flags`)."""
@@ -58,13 +54,14 @@ def main(argv) -> None:
   writers.show_own_info_logs()
   config = _CONFIG.value
   if config.get("mode") not in _JOBS:
-    _usage_error(f"config.mode={config.get('mode')!r} is not one of {sorted(_JOBS)}.")
+    config_lib.usage_error(
+        f"config.mode={config.get('mode')!r} is not one of {sorted(_JOBS)}.")
   distributed.initialize()  # before anything touches a device
   try:
     # Absolute, so that Orbax (which refuses relative paths) and every later message agree.
     _JOBS[config.mode](config, checkpoint.absolute(_WORKDIR.value))
   except config_checks.ConfigError as e:  # raised before anything is compiled or written
-    _usage_error(f"{e}\nThe fields are documented in {CONFIG_DOCS}.")
+    config_lib.usage_error(f"{e}\nThe fields are documented in {CONFIG_DOCS}.")
   except DatasetMismatch as e:  # a file met during the run that the first files did not show
     sys.stderr.write(f"Error: {e}\nThe run stopped; checkpoints saved before it are kept, and a "
                      f"rerun with the same --workdir resumes from the newest.\n")

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mae_jax import config_lib
 from mae_jax import writers
 
 CURVES_FILE = "curves.png"
@@ -134,7 +135,6 @@ def write(workdirs: Sequence[str], output: Optional[str] = None) -> str:
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.plot`: curves of one or more runs as a PNG."""
   workdirs = list(_WORKDIR.value) + list(argv[1:])  # `--workdir=A B C` also works
-  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   with config_lib.input_errors_end_the_command():
     print(write(workdirs, _OUTPUT.value))
 
@@ -146,5 +146,4 @@ if __name__ == "__main__":
                                        "flag or list them after it).", required=True)
   _OUTPUT = flags.DEFINE_string("output", None, f"The PNG to write (default: the first "
                                 f"workdir's {CURVES_FILE}).")
-  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -232,14 +232,16 @@ class MetricWriter:
       self._workdir.mkdir(parents=True, exist_ok=True)
       self._events = _EventFile(self._workdir / "tensorboard", object_store=self._object_store)
       metrics = self._workdir / METRICS_FILE
-      if metrics.exists():  # a resumed run keeps the earlier rows
-        self._text = metrics.read_text()
+      # A resumed run keeps the earlier rows: appended to on a file system, held in memory and
+      # rewritten whole on an object store.
+      if metrics.exists() and (self._object_store or resume_step is not None):
+        text = metrics.read_text()
         if resume_step is not None:
-          self._text = _rows_up_to(self._text, resume_step, metrics)
+          text = _rows_up_to(text, resume_step, metrics)
+        if self._object_store:
+          self._text = text
       if resume_step is not None:
         self._events.restart(resume_step + 1)
-      if not self._object_store:
-        self._text = ""
 
   def write_scalars(self, step: int, row: Mapping[str, Any]) -> None:
     """Adds `row` (which holds `step`) to metrics.jsonl and its numbers to TensorBoard."""
