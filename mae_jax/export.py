@@ -41,7 +41,7 @@ MLP uses the tanh approximation of GELU, MAE the exact one.
 """
 
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 from flax import traverse_util
@@ -165,19 +165,6 @@ def _heads(workdir: str, config, num_heads: Optional[int]) -> int:
   return heads
 
 
-def _write_whole(output: str, write: Callable[[str], None]) -> None:
-  """`write(path)` to a temporary file beside `output`, then renamed onto it: a crash or a full
-  disk never leaves half a file, nor destroys an earlier `output`."""
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  temporary = f"{output}.tmp-{os.getpid()}"
-  try:
-    write(temporary)
-    os.replace(temporary, output)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-
-
 def _savez(path: str, arrays: Dict[str, np.ndarray]) -> None:
   with open(path, "wb") as f:
     np.savez(f, **arrays)
@@ -192,7 +179,7 @@ def export_workdir(workdir: str, output: str, num_heads: Optional[int] = None) -
   check_output(output, directory=False)
   params, batch_stats, config = checkpoint.load_variables(workdir)
   encoder = to_big_vision(params, _heads(workdir, config, num_heads), _grid(config), batch_stats)
-  _write_whole(output, lambda path: _savez(path, traverse_util.flatten_dict(encoder, sep="/")))
+  writers.write_whole(output, lambda path: _savez(path, traverse_util.flatten_dict(encoder, sep="/")))
   return encoder
 
 
@@ -317,13 +304,13 @@ def export_transformers(workdir: str, output: str, num_heads: Optional[int] = No
   _heads(workdir, config, num_heads)
   sd, hf_config = to_transformers(params, config)
   weights, hf_json = os.path.join(output, "model.safetensors"), os.path.join(output, "config.json")
-  _write_whole(weights, lambda path: save_file(sd, path, metadata={"format": "pt"}))
+  writers.write_whole(weights, lambda path: save_file(sd, path, metadata={"format": "pt"}))
 
   def write_json(path):
     with open(path, "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
 
-  _write_whole(hf_json, write_json)
+  writers.write_whole(hf_json, write_json)
   # safetensors writes through a private temporary file (mode 600): the weights take the mode of
   # config.json, written as any file is, so that whoever may read one can read the other.
   shutil.copymode(hf_json, weights)

@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from etils import epath
@@ -56,6 +56,20 @@ def check_writable(output: str, *, flag: str = "--output", kind: str = "file") -
   if not os.access(parent, os.W_OK):
     raise ValueError(f"{flag}={output} cannot be written: {parent} is not writable; name "
                      f"another {flag}")
+
+
+def write_whole(output: str, write: Callable[[str], None]) -> None:
+  """`write(path)` to a temporary file beside `output` (a file-system path), then renamed onto
+  it: a crash or a full disk never leaves half a file, nor destroys an earlier `output`.
+  Missing folders are made."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  temporary = f"{output}.tmp-{os.getpid()}"
+  try:
+    write(temporary)
+    os.replace(temporary, output)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def move_tree(src: epath.Path, dst: epath.Path) -> None:
@@ -132,11 +146,9 @@ def _rows_up_to(text: str, step: int, path: epath.Path) -> str:
                step, f" and {broken} line(s) cut short by a crash" if broken else "")
   new = "".join(kept)
   if is_object_store(os.fspath(path)):
-    path.write_text(new)
+    path.write_text(new)  # an object is written whole anyway
   else:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_whole(os.fspath(path), lambda temporary: epath.Path(temporary).write_text(new))
   return new
 
 
