@@ -872,13 +872,12 @@ def convert(torch_checkpoint: str, workdir: str, config=None, trust_pickle: bool
 def main(argv: Sequence[str]) -> None:
   """`python -m mae_jax.convert`: a released checkpoint -> a workdir that mae_jax starts from."""
   del argv
+  from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mae_jax import writers  # pylint: disable=g-import-not-at-top
   writers.show_own_info_logs()
-  try:
+  # The file, the workdir or the config: named, in a few lines.
+  with config_lib.input_errors_end_the_command("\nNothing was written."):
     convert(_TORCH_CHECKPOINT.value, _WORKDIR.value, _CONFIG.value, _TRUST_PICKLE.value)
-  except (ValueError, FileNotFoundError) as e:  # the file, the workdir or the config: named
-    from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
-    config_lib.usage_error(f"{e}\nNothing was written.")
 
 
 if __name__ == "__main__":
