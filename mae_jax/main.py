@@ -9,13 +9,22 @@ every process runs the same command (see mae_jax.distributed).
 
 A wrong flag, config file or field ends in a short message that names it and the fix, exit
 status 2, before anything is compiled or written.
+
+On a CPU it first restarts itself (same pid) so that XLA's per-step buffers get 2 MiB pages
+(`mae_jax.huge_pages`; MAE_JAX_HUGE_PAGES=0 turns that off).
 """
 
+if __name__ == "__main__":  # before jax and TensorFlow load: the process may be replaced
+  from mae_jax import huge_pages as _huge_pages  # pylint: disable=g-import-not-at-top
+  _huge_pages.restart_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 from typing import List, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mae_jax import checkpoint
@@ -24,9 +33,11 @@ from mae_jax import config_lib
 from mae_jax import distributed
 from mae_jax.input_pipeline.decode import DatasetMismatch
 from mae_jax import finetune
+from mae_jax import huge_pages
 from mae_jax import train
 from mae_jax import trainer
 from mae_jax import writers
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 CONFIG_DOCS = config_lib.CONFIG_DOCS
 USAGE_ERROR = config_lib.USAGE_ERROR
@@ -52,6 +63,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   writers.show_own_info_logs()
+  logging.info(huge_pages.status())
   config = _CONFIG.value
   if config.get("mode") not in _JOBS:
     config_lib.usage_error(

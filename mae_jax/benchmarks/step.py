@@ -204,7 +204,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
                  attention_impl=m.attention_impl),
       attention=attention_kernels(m), **profile,
       backend=jax.default_backend(), device_kind=devices[0].device_kind,
-      device_count=len(devices), jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+      device_count=len(devices), jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def summary(r: Dict[str, Any]) -> str:

@@ -1,0 +1,140 @@
+"""mae_jax.huge_pages: when the CPU commands restart under glibc.malloc.hugetlb=1, that the
+restart keeps the process and its command line, and that it takes XLA's per-call buffers off
+4 KiB page faults (counted, not timed)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mae_jax import huge_pages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = dict(thp="madvise", glibc=(2, 36), on_cpu=True)
+
+
+def _reason(environ=None, **kwargs):
+  args = {**GOOD, **kwargs}
+  return huge_pages.reason_not_to_restart(environ or {}, args["thp"], args["glibc"],
+                                          args["on_cpu"])
+
+
+def test_restarts_only_where_the_tunable_can_help_and_nobody_chose_otherwise():
+  assert _reason() is None
+  assert _reason(glibc=(2, 35)) is None
+  assert "MAE_JAX_HUGE_PAGES=0" in _reason({"MAE_JAX_HUGE_PAGES": "0"})
+  assert _reason({"MAE_JAX_HUGE_PAGES": "1"}) is None
+  assert "already" in _reason({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert _reason({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) is None
+  assert "glibc" in _reason(glibc=(2, 34))
+  assert "glibc" in _reason(glibc=None)  # musl, macOS
+  assert "always" in _reason(thp="always")  # huge pages without asking
+  assert "never" in _reason(thp="never")
+  assert "unavailable" in _reason(thp=None)
+  assert "accelerator" in _reason(on_cpu=False)
+
+
+def test_a_program_read_from_stdin_is_never_restarted():
+  assert huge_pages.program_from_stdin(["python", "-"])
+  assert huge_pages.program_from_stdin(["python"])
+  assert huge_pages.program_from_stdin(["python", "-X", "dev", "-u"])
+  assert not huge_pages.program_from_stdin(["python", "-m", "mae_jax.main", "--config=x"])
+  assert not huge_pages.program_from_stdin(["python", "-X", "dev", "-mmae_jax.main"])
+  assert not huge_pages.program_from_stdin(["python", "-c", "print(1)"])
+  assert not huge_pages.program_from_stdin(["python", "-W", "ignore", "run.py", "-"])
+
+
+def test_the_tunable_joins_those_already_set():
+  assert huge_pages.environment_with_tunable({"A": "1"}) == {
+      "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = huge_pages.environment_with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_thp_mode_is_the_bracketed_word(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert huge_pages.thp_mode(str(path)) == "madvise"
+  path.write_text("[always] madvise never\n")
+  assert huge_pages.thp_mode(str(path)) == "always"
+  assert huge_pages.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_jax_platforms_decides_the_backend_when_set():
+  assert huge_pages.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+  assert huge_pages.runs_on_cpu({"JAX_PLATFORMS": " CPU , cuda"})
+  assert not huge_pages.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"})
+  assert not huge_pages.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
+
+
+_SCRIPT = r"""
+import json, os, resource, sys
+print(json.dumps({"pid_before": os.getpid()}), flush=True)
+from mae_jax import huge_pages
+why = huge_pages.restart_with_huge_pages()
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+
+@jax.jit
+def f(x):  # a 64 MiB temporary buffer that XLA allocates at every call
+  y = jax.lax.optimization_barrier(jnp.sin(x))
+  return jnp.sum(y * y)
+
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  f(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "why": why, "faults": faults,
+                  "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                  "temp": f.lower(x).compile().memory_analysis().temp_size_in_bytes}))
+"""
+
+
+def _run(tmp_path, **env):
+  script = tmp_path / "probe.py"
+  script.write_text(_SCRIPT)
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "MAE_JAX_HUGE_PAGES")}
+  environ.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env)
+  proc = subprocess.run([sys.executable, str(script), "--an-argument"], env=environ,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  return lines
+
+
+def test_the_restart_keeps_the_process_and_takes_buffers_off_small_pages(tmp_path):
+  expected = huge_pages.reason_not_to_restart(
+      {"JAX_PLATFORMS": "cpu"}, huge_pages.thp_mode(), huge_pages.glibc_version(), True)
+  restarted = _run(tmp_path)
+  kept = _run(tmp_path, MAE_JAX_HUGE_PAGES="0")
+  assert kept[-1]["why"] == "MAE_JAX_HUGE_PAGES=0" and kept[-1]["tunables"] == ""
+  assert len(kept) == 2  # not restarted: the first line printed once
+  assert kept[-1]["temp"] >= 64 * 2**20
+  if expected is None:  # this machine: glibc >= 2.35, THP in madvise mode (as CI's)
+    # The process printed its first line, was replaced by itself (same pid, same arguments),
+    # printed it again, then ran with the tunable.
+    assert [l["pid_before"] for l in restarted[:2]] == [restarted[-1]["pid"]] * 2
+    assert restarted[-1]["argv"] == ["--an-argument"]
+    assert restarted[-1]["tunables"] == "glibc.malloc.hugetlb=1"
+    assert restarted[-1]["why"] == "GLIBC_TUNABLES already sets glibc.malloc.hugetlb"
+    # 64 MiB mapped afresh at every call: ~16,000 faults of 4 KiB pages without the tunable,
+    # a few dozen 2 MiB pages with it.
+    assert kept[-1]["faults"] > 8000, kept[-1]
+    assert restarted[-1]["faults"] < kept[-1]["faults"] / 10, (restarted, kept)
+  else:  # a machine where the tunable cannot help: the process runs on as it was
+    assert len(restarted) == 2 and restarted[-1]["why"] == expected
+    assert restarted[-1]["tunables"] == ""
+
+
+@pytest.mark.parametrize("module", ["mae_jax.main", "mae_jax.benchmark"])
+def test_the_commands_restart_before_loading_jax(module):
+  """The restart comes first in the commands' __main__ (a process replaced after jax and
+  TensorFlow loaded would load them twice); `import` alone never restarts."""
+  source = open(os.path.join(REPO, *module.split(".")) + ".py").read()
+  head = source[:re.search(r"^(import|from) ", source, re.M).start()]  # before any import
+  assert "restart_with_huge_pages()" in head and 'if __name__ == "__main__":' in head
