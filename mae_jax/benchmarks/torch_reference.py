@@ -11,6 +11,7 @@ Last line: one JSON object with img_per_s, tflops, peak_memory_gb, step_s.
 
 import argparse
 import json
+import os
 import time
 from typing import List, Optional
 
@@ -100,7 +101,8 @@ def run(size: str, batch_size: int, steps: int, warmup: int, mask_ratio: float,
               img_per_s=batch_size / dt, tflops=flops / 1e12,
               peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if cuda else None,
               warmup_s=warm_s, device=torch.cuda.get_device_name() if cuda else "cpu",
-              torch=torch.__version__, model_code=impl)
+              torch=torch.__version__, model_code=impl,
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
