@@ -70,6 +70,23 @@ def test_jax_platforms_decides_the_backend_when_set():
   assert not huge_pages.runs_on_cpu({"JAX_PLATFORMS": "tpu"})
 
 
+def test_an_installed_gpu_plugin_or_attached_tpu_keeps_the_process_as_it_is(monkeypatch):
+  """With JAX_PLATFORMS unset, jax's own plugin discovery decides: a `jax_plugins` entry point
+  (how the CUDA and ROCm plugins register) means an accelerator host."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  real_find_spec = importlib.util.find_spec
+  no_tpu = lambda name, *a: None if name in ("libtpu", "jax_plugins") else real_find_spec(name, *a)
+  monkeypatch.setattr(importlib.util, "find_spec", no_tpu)
+  monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+  assert huge_pages.runs_on_cpu({})
+  plugin = importlib.metadata.EntryPoint("xla_cuda13", "jax_cuda13_plugin", "jax_plugins")
+  monkeypatch.setattr(importlib.metadata, "entry_points",
+                      lambda group: [plugin] if group == "jax_plugins" else [])
+  assert not huge_pages.runs_on_cpu({})
+  assert huge_pages.runs_on_cpu({"JAX_PLATFORMS": "cpu"})  # the user's choice wins
+
+
 _SCRIPT = r"""
 import json, os, resource, sys
 print(json.dumps({"pid_before": os.getpid()}), flush=True)
