@@ -8,7 +8,7 @@ compiled or written. The fields are documented in docs/configs.md.
 """
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -375,12 +375,20 @@ def data_problems(config: ml_collections.ConfigDict, *, num_examples: int,
   return errors
 
 
+def schedule_lengths(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Tuple[int, int]:
+  """(total, warmup) in optimizer steps: config.total_steps or num_epochs' worth of steps, and
+  config.warmup_steps or warmup_epochs' worth (rounded). The one definition of both, for the
+  schedule (`trainer.create_learning_rate_fn`) and for the check below."""
+  total = config.total_steps or int(config.num_epochs * steps_per_epoch)
+  warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
+  return total, warmup
+
+
 def warmup_problem(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Optional[str]:
   """Why the warmup is not shorter than the run, naming the fields each length comes from and
   the fix; None when it is."""
-  total = config.total_steps or int(config.num_epochs * steps_per_epoch)
+  total, warmup = schedule_lengths(config, steps_per_epoch)
   steps = config.get("warmup_steps", 0)
-  warmup = steps or int(round(config.warmup_epochs * steps_per_epoch))
   if total <= 0 or warmup < total:
     return None
   per_epoch = f"{steps_per_epoch} steps per epoch"

@@ -99,7 +99,7 @@ def shardings_of(abstract_state: Any) -> Any:
 
 def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   """config.total_steps, or num_epochs worth of steps when it is 0."""
-  return config.total_steps or int(config.num_epochs * steps_per_epoch)
+  return config_checks.schedule_lengths(config, steps_per_epoch)[0]
 
 
 def base_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -116,8 +116,7 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
   which is the same curve in steps. `config.warmup_steps` > 0 overrides `config.warmup_epochs`.
   Raises ValueError when the warmup is not shorter than the run.
   """
-  total = num_train_steps(config, steps_per_epoch)
-  warmup = config.get("warmup_steps", 0) or int(round(config.warmup_epochs * steps_per_epoch))
+  total, warmup = config_checks.schedule_lengths(config, steps_per_epoch)
   problem = config_checks.warmup_problem(config, steps_per_epoch)
   if problem:
     raise ValueError(problem)
