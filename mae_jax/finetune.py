@@ -367,10 +367,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   session = trainer.Session(job, workdir, target, init)
   start, total = session.start, job.total
   n_train = sum(x.size for x in jax.tree.leaves(trainable(target.params, config.mode)))
-  logging.info("%s: %s trainable params on a %s mesh of %d devices: steps %d -> %d, %d steps "
-               "per epoch, global batch %d.", config.mode, f"{n_train:,}",
-               dict(job.mesh.shape), jax.device_count(), start, total, job.steps_per_epoch,
-               job.batch_size)
+  if config.eval_only:
+    logging.info("%s, eval_only: evaluating the params of step %d on a %s mesh of %d devices "
+                 "(nothing is trained).", config.mode, start, dict(job.mesh.shape),
+                 jax.device_count())
+  else:
+    logging.info("%s: %s trainable params on a %s mesh of %d devices: steps %d -> %d, %d steps "
+                 "per epoch, global batch %d.", config.mode, f"{n_train:,}",
+                 dict(job.mesh.shape), jax.device_count(), start, total, job.steps_per_epoch,
+                 job.batch_size)
 
   data_sharding = trainer.batch_sharding(job.mesh)
   replicated = NamedSharding(job.mesh, P())

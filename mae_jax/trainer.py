@@ -554,6 +554,13 @@ class Session:
       self.lock.release()  # a refused start leaves the workdir free (and as it found it)
       raise
     self.start = int(self.state.step)
+    if self.start >= job.total and self.is_main and not config.get("eval_only", False):
+      # A finished run started again.
+      logging.info(
+          "%s holds step %d, %s this config's %d steps: nothing left to train (the figures "
+          "are written again). To train on, raise --config.total_steps (or "
+          "--config.num_epochs); the schedule is recomputed for the new length.", workdir,
+          self.start, "the last of" if self.start == job.total else "past", job.total)
     self.writer = writers.MetricWriter(workdir, enabled=self.is_main, resume_step=self.start)
     self._bar = None
     self._reporter = None

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import math
 import os
 
@@ -122,7 +123,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
+def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path, caplog):
   config = _config("finetune", init_from=_pretraining_workdir(tmp_path / "pretrain"), **LIGHT)
   workdir = str(tmp_path / "finetune")
   state = finetune.train_and_evaluate(config, workdir)
@@ -141,16 +142,22 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path):
   # As pretraining does, the run draws its curves at the end (loss, lr, eval top-1).
   with open(os.path.join(workdir, "curves.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  # Rerunning the command restores the final checkpoint and has nothing left to do.
+  # Rerunning the command restores the final checkpoint and has nothing left to do, and says so.
   rows = _rows(workdir)
-  again = finetune.train_and_evaluate(config, workdir)
+  with caplog.at_level(logging.INFO):
+    again = finetune.train_and_evaluate(config, workdir)
   assert int(again.step) == 4 and _rows(workdir) == rows
   jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
-  # eval_only evaluates the restored params once more: the same numbers.
+  assert "holds step 4, the last of this config's 4 steps: nothing left to train" in caplog.text
+  # eval_only evaluates the restored params once more: the same numbers, logged as what it is.
+  caplog.clear()
   config.eval_only = True
-  finetune.train_and_evaluate(config, workdir)
+  with caplog.at_level(logging.INFO):
+    finetune.train_and_evaluate(config, workdir)
   last = _rows(workdir)[-1]
   assert last["step"] == 4 and last["eval_top1"] == evals[-1]["eval_top1"]
+  assert "eval_only: evaluating the params of step 4" in caplog.text
+  assert "nothing left to train" not in caplog.text and "steps 4 -> 4" not in caplog.text
 
 
 # --- config.init_from ------------------------------------------------------------------------------
