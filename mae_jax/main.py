@@ -19,6 +19,8 @@ if __name__ == "__main__":  # before jax and TensorFlow load: the process may be
   _huge_pages.restart_with_huge_pages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import atexit
+import os
 import sys
 from typing import List, Sequence
 
@@ -78,6 +80,18 @@ def main(argv) -> None:
     sys.stderr.write(f"Error: {e}\nThe run stopped; checkpoints saved before it are kept, and a "
                      f"rerun with the same --workdir resumes from the newest.\n")
     sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C before the steps began, or a second one during them
+    sys.stderr.write(
+        "\nStopped by Ctrl-C without saving. Checkpoints saved before are kept (a save cut short "
+        "is never used); the same command resumes from the newest, or starts afresh if there "
+        "is none.\n")
+    # Not sys.exit: XLA may still be compiling on its own threads, and the interpreter's
+    # shutdown under them crashed (segmentation fault, status 139). The exit functions (the
+    # workdir's lock among them) run first; then the process ends without that shutdown.
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)  # pylint: disable=protected-access
   if trainer.stopped_by_ctrl_c():  # the checkpoint is saved; the command did not finish
     sys.exit(INTERRUPTED)
 

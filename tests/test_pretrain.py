@@ -175,6 +175,28 @@ def test_ctrl_c_saves_the_current_step_and_exits_130_and_the_rerun_resumes(env, 
   assert sorted(_losses(tmp_path)) == list(range(1, STEPS + 1))
 
 
+def test_ctrl_c_before_the_first_step_exits_130_with_a_message_and_no_crash(env, tmp_path):
+  """Ctrl-C while the run sets up or compiles (before the trainer's own handler) once ended in
+  a KeyboardInterrupt traceback and then a segmentation fault as the interpreter shut down
+  under XLA's compile threads (status 139). Now: one message, status 130, the workdir free."""
+  log = tmp_path.parent / f"{tmp_path.name}.early_ctrl_c.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_command(tmp_path), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=f, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  proc.log = log
+  _wait_for(lambda: "host memory:" in log.read_text(), proc)  # main() has begun
+  proc.send_signal(signal.SIGINT)
+  proc.wait(timeout=900)
+  text = log.read_text()
+  assert proc.returncode == 130, text[-3000:]
+  assert "Stopped by Ctrl-C without saving." in text
+  assert "Traceback" not in text and "Segmentation fault" not in text
+  assert not (tmp_path / "metrics.jsonl").exists() or not _rows(tmp_path)  # no step ran
+  log, = _finish(_start(env, tmp_path))  # the lock was released: the rerun trains
+  assert sorted(_losses(tmp_path)) == list(range(1, STEPS + 1))
+
+
 def test_8_devices_with_fsdp_give_the_losses_of_1_device(runs):
   one, eight = _losses(runs["reference"]), _losses(runs["fsdp8"])
   assert sorted(one) == sorted(eight) == list(range(1, STEPS + 1))
