@@ -300,12 +300,18 @@ def _describe(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
+# The commands' path flags, with an example for the message when one is given empty.
+PATH_FLAGS = {"workdir": "workdirs/demo", "output": "out.npz", "data_dir": "~/tensorflow_datasets",
+              "images": "a.jpg,b.jpg"}
+
+
 def parse_flags(argv: Sequence[str], config_flag=None) -> List[str]:
   """absl's flag parsing with a short message and exit status 2 instead of absl's status 1 or
   a traceback: for any wrong or missing flag, and for a command with a `--config` flag
   (`config_flag`, the holder DEFINE_config_file returned) a config file that does not exist or
   does not load, a variant it does not have, a field it does not have (with the field meant)
-  or a value of the wrong type. Serves every command line of mae_jax."""
+  or a value of the wrong type; and a path flag (PATH_FLAGS) given empty. Serves every command
+  line of mae_jax."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   config_arg = _flag_value(argv[1:], "config") if config_flag is not None else None
   config_path = None if config_arg is None else config_arg.split(":", 1)[0]
@@ -314,6 +320,12 @@ def parse_flags(argv: Sequence[str], config_flag=None) -> List[str]:
                 f"configs/*.py (e.g. configs/demo.py).")
   try:
     rest = flags.FLAGS(argv)
+    for name in PATH_FLAGS:  # `--workdir=` would quietly mean the current directory
+      if name not in flags.FLAGS or not flags.FLAGS[name].present:
+        continue
+      value = flags.FLAGS[name].value  # a string, or a list for multi-string and list flags
+      if not value or (isinstance(value, list) and not all(value)):
+        usage_error(f"--{name} is empty: give a path (e.g. --{name}={PATH_FLAGS[name]}).")
     if config_arg is not None:
       _ = config_flag.value  # loads the file now, so that its errors end here
   except flags.Error as e:

@@ -225,12 +225,18 @@ def test_every_command_answers_a_wrong_field_or_file_in_a_few_lines(tmp_path):
       # A required flag left out: absl's own error once exited 1 here.
       ("mae_jax.export", ["--workdir=nowhere"], ["Error: ", "--output"]),
       ("mae_jax.extract", ["--workdir=nowhere", "--nonsense=1"], ["Error: ", "nonsense"]),
+      # A path given empty once meant the current directory (main trained into it).
+      ("mae_jax.main", [config, "--workdir="], ["Error: --workdir is empty: give a path"]),
+      ("mae_jax.visualize", ["--workdir="], ["Error: --workdir is empty"]),
+      ("mae_jax.plot", ["--workdir=a", "--workdir="], ["Error: --workdir is empty"]),
+      ("mae_jax.export", ["--workdir=w", "--output="], ["Error: --output is empty"]),
   ]
   results = [_main(tmp_path, *args, module=module) for module, args, _ in cases]
   for (_, _, expected), result in zip(cases, results):
     _assert_short_error(result, *expected)
     assert result.returncode == 2
   assert not (tmp_path / "w").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pth"]  # nothing written in the cwd
 
 
 def test_a_field_of_another_job_is_named_as_such_not_as_a_typo():
