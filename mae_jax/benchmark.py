@@ -12,7 +12,7 @@ it first restarts itself with 2 MiB pages for XLA's buffers, as `mae_jax.main` d
 
 if __name__ == "__main__":  # before jax loads: the process may be replaced
   from mae_jax import huge_pages as _huge_pages  # pylint: disable=g-import-not-at-top
-  _huge_pages.restart_with_huge_pages()
+  _huge_pages.restart_with_huge_pages("mae_jax.benchmark")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mae_jax.benchmarks.step import apply_overrides

@@ -7,13 +7,17 @@ faults and 0.26-0.32 s of system CPU time every step on the project's 2-core CPU
 the matmuls that first touch each output. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc
 2.35 or later) malloc asks the kernel (madvise MADV_HUGEPAGE) to back such blocks with 2 MiB
 pages wherever transparent huge pages are in `madvise` mode, the default of most
-distributions: about 800 faults a step, and the step 5-9% faster (BENCHMARKS.md, "CPU").
+distributions: about 800 faults a step, and the step 6-18% faster (BENCHMARKS.md, "CPU").
 
 glibc reads its tunables once, when a process starts, so the setting needs a new process:
 `restart_with_huge_pages()`, called by the command-line entry points (`mae_jax.main`,
 `mae_jax.benchmark`) before jax starts, replaces the process with itself (`os.execve`: same
 pid, arguments and environment, plus the tunable) when all of this holds:
 
+- the process was started as the command itself, `python [options] -m mae_jax.main ...`: a
+  program of the user's that runs the command (`runpy`, `%run -m` in IPython, a notebook)
+  would be run again from its start, so it is left as it is and the log says to give it
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment instead;
 - Linux with glibc >= 2.35 and transparent huge pages in `madvise` mode (in `always` mode the
   blocks get huge pages without it; in `never` mode they cannot);
 - jax will run on the CPU (JAX_PLATFORMS names cpu first, or no GPU plugin is installed and no
@@ -102,43 +106,81 @@ def environment_with_tunable(environ: Mapping[str, str]) -> dict:
   return env
 
 
-def program_from_stdin(orig_argv) -> bool:
-  """Whether the interpreter command line `orig_argv` (sys.orig_argv) read its program from
-  standard input (`python -` or `python < file`), which a restarted process could not read
-  again; False for a script, -c or -m."""
+def program(orig_argv) -> Tuple[str, str]:
+  """What the interpreter command line `orig_argv` (sys.orig_argv) runs: ("-m", module),
+  ("-c", code), ("script", path), or ("-", "") for a program read from standard input
+  (`python -` or `python < file`). Options are read as CPython reads them: grouped ones
+  (`-Bm mae_jax.main`), and -X / -W / --check-hash-based-pycs with their values."""
   args = list(orig_argv[1:])
   while args:
     arg = args.pop(0)
     if arg == "-":
-      return True
-    if arg.startswith(("-c", "-m")) or not arg.startswith("-"):
-      return False
-    if arg in ("-X", "-W"):  # options whose value is the next argument
-      args = args[1:]
-  return True
+      return ("-", "")
+    if arg == "--":
+      return ("script", args[0]) if args else ("-", "")
+    if not arg.startswith("-"):
+      return ("script", arg)
+    if arg.startswith("--"):
+      args = args[1:] if arg == "--check-hash-based-pycs" else args
+      continue
+    for i, flag in enumerate(arg[1:], start=2):
+      if flag in "cm":  # the rest of the argument, or the next one, is the program
+        return ("-" + flag, arg[i:] or (args[0] if args else ""))
+      if flag in "XW":  # the rest of the argument, or the next one, is the option's value
+        args = args if arg[i:] else args[1:]
+        break
+  return ("-", "")
 
 
-def restart_with_huge_pages() -> Optional[str]:
+def program_from_stdin(orig_argv) -> bool:
+  """Whether `orig_argv` read its program from standard input, which a restarted process
+  could not read again; False for a script, -c or -m."""
+  return program(orig_argv)[0] == "-"
+
+
+_why_not_restarted: Optional[str] = None  # what restart_with_huge_pages() last answered
+
+
+def restart_with_huge_pages(module: Optional[str] = None) -> Optional[str]:
   """Replaces this process with itself under `glibc.malloc.hugetlb=1` where the module's
   conditions hold (then it does not return); otherwise returns why not (a short phrase, for
-  logs). Call it first thing in a command's `__main__`, before jax has started: the new process
-  runs the same command line (`sys.orig_argv`) with the same pid, open files and environment.
+  logs, which `status()` repeats). Call it first thing in a command's `__main__`, before jax
+  has started: the new process runs the same command line (`sys.orig_argv`) with the same pid,
+  open files and environment. With `module` ("mae_jax.main"), only a process started as
+  `python -m module` restarts: any other program that runs the module is left as it is, since
+  the restart would run all of it again. An `os.execve` that fails leaves the process running.
   """
-  if program_from_stdin(sys.orig_argv) or sys.flags.interactive:
-    return "the program came from standard input or runs interactively"  # cannot run twice
-  why = reason_not_to_restart(os.environ, thp_mode(), glibc_version(), runs_on_cpu())
-  if why is not None:
-    return why
+  global _why_not_restarted
+  _why_not_restarted = _reason_not_to_restart_this_process(module)
+  if _why_not_restarted is not None:
+    return _why_not_restarted
   sys.stdout.flush()
   sys.stderr.flush()
   argv = [sys.executable, *sys.orig_argv[1:]]
-  os.execve(sys.executable, argv, environment_with_tunable(os.environ))
-  return None  # not reached
+  try:
+    os.execve(sys.executable, argv, environment_with_tunable(os.environ))
+  except OSError as e:  # e.g. no usable sys.executable in an embedded interpreter
+    _why_not_restarted = f"could not restart {sys.executable!r}: {e}"
+  return _why_not_restarted
+
+
+def _reason_not_to_restart_this_process(module: Optional[str]) -> Optional[str]:
+  why = reason_not_to_restart(os.environ, thp_mode(), glibc_version(), runs_on_cpu())
+  if why is not None:
+    return why
+  started_as = program(sys.orig_argv)
+  if started_as[0] == "-" or sys.flags.interactive:
+    return "the program came from standard input or runs interactively"  # cannot run twice
+  if module is not None and started_as != ("-m", module):
+    return (f"started by another program than `python -m {module}`, which a restart would run "
+            f"again; GLIBC_TUNABLES={TUNABLE}=1 in its environment gives the 2 MiB pages")
+  return None
 
 
 def status() -> str:
   """One line for a run's log: whether this process runs with huge pages for its buffers."""
   if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
     return f"host memory: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
-  why = reason_not_to_restart(os.environ, thp_mode(), glibc_version(), runs_on_cpu())
+  why = _why_not_restarted or reason_not_to_restart(os.environ, thp_mode(), glibc_version(),
+                                                    runs_on_cpu())
   return f"host memory: glibc's default pages ({why or 'not restarted'})"

@@ -16,7 +16,7 @@ On a CPU it first restarts itself (same pid) so that XLA's per-step buffers get 
 
 if __name__ == "__main__":  # before jax and TensorFlow load: the process may be replaced
   from mae_jax import huge_pages as _huge_pages  # pylint: disable=g-import-not-at-top
-  _huge_pages.restart_with_huge_pages()
+  _huge_pages.restart_with_huge_pages("mae_jax.main")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import atexit

@@ -108,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from mae_jax import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.restart_with_huge_pages()  # this script stands for `python -m mae_jax.main`
   main()

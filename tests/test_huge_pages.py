@@ -154,4 +154,80 @@ def test_the_commands_restart_before_loading_jax(module):
   TensorFlow loaded would load them twice); `import` alone never restarts."""
   source = open(os.path.join(REPO, *module.split(".")) + ".py").read()
   head = source[:re.search(r"^(import|from) ", source, re.M).start()]  # before any import
-  assert "restart_with_huge_pages()" in head and 'if __name__ == "__main__":' in head
+  assert f'restart_with_huge_pages("{module}")' in head and 'if __name__ == "__main__":' in head
+
+
+@pytest.fixture
+def exec_calls(monkeypatch):
+  """os.execve recorded instead of run, on a machine where the tunable would help."""
+  calls = []
+  monkeypatch.setattr(huge_pages, "_why_not_restarted", None)  # restored after the test
+  monkeypatch.setattr(huge_pages, "reason_not_to_restart", lambda *args: None)
+  monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+  return calls
+
+
+@pytest.mark.parametrize("orig_argv", [
+    ["python", "-m", "mae_jax.main", "--config=c.py"],
+    ["python", "-X", "dev", "-mmae_jax.main"],
+    ["python", "-Bm", "mae_jax.main"],
+])
+def test_the_command_run_as_itself_restarts_with_its_command_line(monkeypatch, exec_calls,
+                                                                  orig_argv):
+  monkeypatch.setattr(sys, "orig_argv", orig_argv)
+  huge_pages.restart_with_huge_pages("mae_jax.main")
+  [(path, argv, env)] = exec_calls
+  assert path == sys.executable and argv == [sys.executable, *orig_argv[1:]]
+  assert huge_pages.TUNABLE in env["GLIBC_TUNABLES"]
+
+
+@pytest.mark.parametrize("orig_argv", [
+    ["python", "my_run.py", "--config=c.py"],  # runpy.run_module("mae_jax.main", ...) inside
+    ["python", "-c", "import runpy; runpy.run_module('mae_jax.main', run_name='__main__')"],
+    ["python", "-m", "mae_jax.benchmark"],
+    ["python", "/usr/bin/ipython"],  # %run -m mae_jax.main: a restart would end the session
+])
+def test_a_program_that_runs_the_command_is_left_as_it_is(monkeypatch, exec_calls, orig_argv):
+  """Restarting a program of the user's would run all of it again, what it did before the
+  command included; the log says how to get the pages anyway."""
+  monkeypatch.setattr(sys, "orig_argv", orig_argv)
+  why = huge_pages.restart_with_huge_pages("mae_jax.main")
+  assert not exec_calls
+  assert "python -m mae_jax.main" in why and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in why
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert why in huge_pages.status()
+
+
+def test_a_script_that_asks_for_the_restart_itself_is_restarted(monkeypatch, exec_calls):
+  monkeypatch.setattr(sys, "orig_argv", ["python", "my_run.py"])
+  huge_pages.restart_with_huge_pages()
+  assert [argv for _, argv, _ in exec_calls] == [[sys.executable, "my_run.py"]]
+
+
+def test_a_restart_that_cannot_start_leaves_the_process_running(monkeypatch):
+  def fail(*args):
+    raise FileNotFoundError(2, "No such file or directory", "")
+  monkeypatch.setattr(huge_pages, "_why_not_restarted", None)
+  monkeypatch.setattr(huge_pages, "reason_not_to_restart", lambda *args: None)
+  monkeypatch.setattr(os, "execve", fail)
+  monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "mae_jax.main"])
+  why = huge_pages.restart_with_huge_pages("mae_jax.main")
+  assert "could not restart" in why and "No such file" in why
+
+
+def test_a_script_running_the_command_through_runpy_runs_once(tmp_path):
+  """End to end: a user's script that prints, then runs `mae_jax.main` as `__main__`."""
+  script = tmp_path / "my_run.py"
+  script.write_text(
+      "import os, runpy, sys\n"
+      "print('my script starts', os.getpid(), flush=True)\n"
+      "sys.argv = ['mae_jax.main', '--no_such_flag']\n"
+      "runpy.run_module('mae_jax.main', run_name='__main__')\n")
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", "MAE_JAX_HUGE_PAGES")}
+  environ.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, str(script)], env=environ, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stdout.count("my script starts") == 1, proc.stdout
+  assert proc.stderr.count("no_such_flag") == 1, proc.stderr
