@@ -91,6 +91,8 @@ def reason_not_to_restart(environ: Mapping[str, str], thp: Optional[str],
     return f"GLIBC_TUNABLES already sets {TUNABLE}"
   if glibc is None or glibc < MIN_GLIBC:
     return "not glibc 2.35 or later"
+  if thp == "always":
+    return "transparent huge pages are in `always` mode: large blocks get them without the tunable"
   if thp != "madvise":
     return f"transparent huge pages are {thp or 'unavailable'}, not madvise"
   if not on_cpu:
@@ -183,4 +185,4 @@ def status() -> str:
     return f"host memory: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
   why = _why_not_restarted or reason_not_to_restart(os.environ, thp_mode(), glibc_version(),
                                                     runs_on_cpu())
-  return f"host memory: glibc's default pages ({why or 'not restarted'})"
+  return f"host memory: glibc's default settings ({why or 'not restarted'})"
