@@ -231,3 +231,16 @@ def test_a_script_running_the_command_through_runpy_runs_once(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stdout.count("my script starts") == 1, proc.stdout
   assert proc.stderr.count("no_such_flag") == 1, proc.stderr
+
+
+def test_the_log_line_says_where_the_tunable_comes_from_and_how_to_go_without(monkeypatch):
+  monkeypatch.setattr(huge_pages, "_why_not_restarted", None)
+  tunables = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+  line = huge_pages.status()
+  assert line.startswith(f"host memory: GLIBC_TUNABLES={tunables} ")
+  assert "MAE_JAX_HUGE_PAGES=0" in line
+  monkeypatch.setenv("MAE_JAX_HUGE_PAGES", "0")
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  assert huge_pages.status() == (
+      "host memory: glibc's default settings (MAE_JAX_HUGE_PAGES=0)")
