@@ -469,6 +469,9 @@ def checkpoint_facts(state_dict: Mapping[str, Any],
     if "norm_pix_loss" in (recorded or {}):
       facts["norm_pix_loss"] = Fact(bool(recorded["norm_pix_loss"]),
                                     "args.norm_pix_loss, saved by main_pretrain.py")
+  for field in ("num_heads", "decoder_num_heads"):  # mae_jax.export --format=official
+    if field in (recorded or {}) and (field == "num_heads" or "decoder_embed_dim" in facts):
+      facts[field] = Fact(recorded[field], f"args.{field}, saved by mae_jax.export")
   if _is_classifier(sd):
     head = "head.1.weight" if "head.1.weight" in sd else "head.weight"
     facts["num_classes"] = Fact(np.shape(sd[head])[0], _shape(sd, head))
@@ -488,7 +491,8 @@ def checkpoint_facts(state_dict: Mapping[str, Any],
                        f"and attention biases")
   if "pos_embed" in sd:
     length = np.shape(sd["pos_embed"])[1] - 1
-    grid = checkpoint_grid(length, hf.get("image_size"), ph)
+    grid = checkpoint_grid(length, hf.get("image_size") or (recorded or {}).get("input_size"),
+                           ph)
     source = f"{_shape(sd, 'pos_embed')}: a {grid[0]}x{grid[1]} patch grid"
     facts["img_size"] = Fact(grid[0] * ph if grid[0] == grid[1] else
                              (grid[0] * ph, grid[1] * ph), source)
@@ -661,13 +665,21 @@ def load_torch_state_dict(path: str, trust_pickle: bool = False) -> Dict[str, np
 
 
 def recorded_args(checkpoint: Any) -> Dict[str, Any]:
-  """The model fields that the official main_pretrain.py's saved flags (`args`, an
-  argparse.Namespace beside "model") record and the arrays do not fix: {"norm_pix_loss": bool}
-  when present, else {} (the released files keep "model" only)."""
+  """The model fields that the saved flags beside "model" record and the arrays do not fix:
+  `norm_pix_loss` (bool) from the official main_pretrain.py's `args` (an argparse.Namespace),
+  and from the `args` dict of `mae_jax.export --format=official` also `num_heads`,
+  `decoder_num_heads` (ints) and a non-square `input_size` ([H, W], which tells the grid of the
+  position table); {} when absent (the released files keep "model" only)."""
   args = checkpoint.get("args") if isinstance(checkpoint, Mapping) else None
   fields = vars(args) if hasattr(args, "__dict__") else dict(args or {}) if isinstance(
       args, Mapping) else {}
-  return {k: bool(fields[k]) for k in ("norm_pix_loss",) if k in fields}
+  recorded = {k: bool(fields[k]) for k in ("norm_pix_loss",) if k in fields}
+  recorded.update({k: int(fields[k]) for k in ("num_heads", "decoder_num_heads")
+                   if isinstance(fields.get(k), int)})
+  size = fields.get("input_size")
+  if isinstance(size, (list, tuple)) and len(size) == 2:  # a non-square grid's (H, W)
+    recorded["input_size"] = [int(x) for x in size]
+  return recorded
 
 
 def _load(path: str, trust_pickle: bool = False

@@ -1,8 +1,22 @@
 """A workdir's model for other code: the encoder in the big_vision / vision_transformer ViT
-layout (other Flax models), or a transformers ViTMAE checkpoint directory.
+layout (other Flax models), a transformers ViTMAE checkpoint directory, or a PyTorch file in the
+official code's layout.
 
     python -m mae_jax.export --workdir=DIR --output=FILE.npz
     python -m mae_jax.export --workdir=DIR --format=transformers --output=DIR2
+    python -m mae_jax.export --workdir=DIR --format=official --output=FILE.pth
+
+--format=official (needs torch: `pip install -e '.[torch]'`) writes what the official code
+saves, `torch.save({"model": state_dict, "args": {...}})`, with the official keys
+(`convert.params_to_torch`) and float32 tensors; `args` is a plain dict rather than the official
+argparse.Namespace, so that torch.load's default `weights_only=True` (torch >= 2.6) reads it. A pretraining workdir gives models_mae.py's
+keys (decoder and fixed `pos_embed` tables included: `load_state_dict(strict=True)`; args
+carry `norm_pix_loss` and the head counts, which `mae_jax.convert` reads back, so that the
+file converts to the same params and config without --config); a fine-tuned classifier gives
+models_vit.py's (`fc_norm` and no final `norm` for a global-pool one, as main_finetune.py
+leaves it); a linear probe gives main_linprobe.py's `head.0` BatchNorm statistics and `head.1`
+Linear. main_finetune.py's `--finetune FILE.pth` and `--eval --resume FILE.pth`, and timm's
+VisionTransformer (global_pool="avg", fc_norm=True for a global-pool classifier), load it.
 
 --format=transformers writes DIR2/model.safetensors and DIR2/config.json, which
 `transformers.ViTMAEForPreTraining.from_pretrained(DIR2)` loads (an encoder-only workdir, such
@@ -135,16 +149,18 @@ def _grid(config) -> Optional[tuple]:
   return patch_grid(config.model.img_size, config.model.patch_size)
 
 
-def check_output(output: str, directory: bool) -> None:
+def check_output(output: str, directory: bool, file_format: str = "npz") -> None:
   """ValueError, before anything is read or written, when `output` cannot be written: a file
-  (`directory=False`, the npz) that names a directory, a directory (transformers) that names a
-  file, or a path below a file. Folders that do not exist yet are fine: they are made."""
+  (`directory=False`: the npz, or the official .pth) that names a directory, a directory
+  (transformers) that names a file, or a path below a file. Folders that do not exist yet are
+  fine: they are made."""
   kind = "directory" if directory else "file"
   other = "--format=transformers" if not directory else "the default --format=npz"
   if os.path.isdir(output) and not directory:
-    raise ValueError(f"--output={output} is a directory, but the npz format writes one file: "
-                     f"name a file (such as {os.path.join(output, 'encoder.npz')}), or use "
-                     f"{other} to write a directory")
+    example = os.path.join(output, "encoder.npz" if file_format == "npz" else "model.pth")
+    raise ValueError(f"--output={output} is a directory, but the {file_format} format writes one "
+                     f"file: name a file (such as {example}), or use {other} to write a "
+                     f"directory")
   if os.path.exists(output) and not os.path.isdir(output) and directory:
     raise ValueError(f"--output={output} is a file, but --format=transformers writes a "
                      "directory (model.safetensors, config.json): name a new or existing "
@@ -317,16 +333,63 @@ def export_transformers(workdir: str, output: str, num_heads: Optional[int] = No
   return sd
 
 
+def to_official(params: Params, config, batch_stats: Optional[Params] = None
+                ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+  """(state dict, args) in the official code's layout: numpy arrays under models_mae.py's or
+  models_vit.py's keys (`convert.params_to_torch`, the fixed sin-cos tables of the config's
+  patch grid added where the model has no learned one; a linear probe's `batch_stats` as
+  `head.0`), and the fields of the official `args` that describe the model."""
+  from mae_jax import convert  # pylint: disable=g-import-not-at-top
+  m = config.model
+  sd = convert.params_to_torch(params, img_size=m.img_size, patch_size=m.patch_size,
+                               batch_stats=batch_stats or None)
+  h, w = image_hw(m.img_size)
+  # The official fields, and the head counts the arrays do not fix (for mae_jax.convert).
+  args = dict(input_size=h if h == w else [h, w], num_heads=int(m.num_heads))
+  if "decoder_embed" in params:
+    args.update(norm_pix_loss=bool(m.norm_pix_loss), decoder_num_heads=int(m.decoder_num_heads))
+  if "head" in params:
+    args.update(nb_classes=int(np.shape(params["head"]["kernel"])[-1]),
+                global_pool="fc_norm" in params)
+  return {k: np.ascontiguousarray(v) for k, v in sd.items()}, args
+
+
+def export_official(workdir: str, output: str, num_heads: Optional[int] = None
+                    ) -> Dict[str, np.ndarray]:
+  """Writes OUTPUT (one torch.save file, see the module docstring; missing folders made, an
+  earlier file replaced whole) from a workdir's params; returns the state dict as numpy
+  arrays. ValueError as for `export_workdir`, and for a workdir without config.json (the fixed
+  position tables need the model's image and patch size)."""
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  check_output(output, directory=False, file_format="official")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError("--format=official writes a PyTorch file and needs torch: "
+                     "pip install -e '.[torch]'") from e
+  params, batch_stats, config = checkpoint.load_variables(workdir)
+  if config is None:
+    raise ValueError(f"{workdir} has no config.json: the official layout's position tables need "
+                     "the model's image and patch size")
+  _heads(workdir, config, num_heads)
+  sd, args = to_official(params, config, batch_stats)
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+  writers.write_whole(output, lambda path: torch.save(
+      {"model": tensors, "args": args}, path))
+  return sd
+
+
 def main(argv) -> None:
   """`python -m mae_jax.export`: a workdir's encoder -> a big_vision-layout npz, or its model ->
-  a transformers ViTMAE directory."""
+  a transformers ViTMAE directory or an official-layout .pth."""
   del argv
   from mae_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mae_jax import writers  # pylint: disable=g-import-not-at-top
   writers.show_own_info_logs()
   with config_lib.input_errors_end_the_command("\nNothing was written."):
-    if _FORMAT.value == "transformers":
-      sd = export_transformers(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
+    if _FORMAT.value in ("transformers", "official"):
+      write = export_transformers if _FORMAT.value == "transformers" else export_official
+      sd = write(_WORKDIR.value, _OUTPUT.value, _NUM_HEADS.value)
       print(f"wrote {_OUTPUT.value}: {len(sd)} arrays, "
             f"{sum(v.size for v in sd.values()):,} numbers")
       return
@@ -342,9 +405,11 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir of mae_jax.main or mae_jax.convert.",
                                  required=True)
   _OUTPUT = flags.DEFINE_string("output", None, "The .npz file to write (--format=transformers: "
-                                "the directory).", required=True)
-  _FORMAT = flags.DEFINE_enum("format", "npz", ["npz", "transformers"],
-                              "npz: the encoder, big_vision layout; transformers: ViTMAE.")
+                                "the directory; --format=official: the .pth file).",
+                                required=True)
+  _FORMAT = flags.DEFINE_enum("format", "npz", ["npz", "transformers", "official"],
+                              "npz: the encoder, big_vision layout; transformers: ViTMAE; "
+                              "official: a .pth in the official code's layout (needs torch).")
   _NUM_HEADS = flags.DEFINE_integer("num_heads", None,
                                     "Attention heads: needed only for a workdir without a "
                                     "config.json; otherwise the config's (another is refused).")
