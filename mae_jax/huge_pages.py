@@ -38,6 +38,7 @@ from typing import Mapping, Optional, Tuple
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "MAE_JAX_HUGE_PAGES"
+RESTARTED = "MAE_JAX_HUGE_PAGES_RESTARTED"  # set in the environment of the restarted process
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 
@@ -89,6 +90,8 @@ def reason_not_to_restart(environ: Mapping[str, str], thp: Optional[str],
     return f"{OPT_OUT}=0"
   if TUNABLE in environ.get("GLIBC_TUNABLES", ""):
     return f"GLIBC_TUNABLES already sets {TUNABLE}"
+  if environ.get(RESTARTED):  # the tunable did not reach the new process: never loop
+    return f"restarted once already, and GLIBC_TUNABLES lost {TUNABLE} on the way"
   if glibc is None or glibc < MIN_GLIBC:
     return "not glibc 2.35 or later"
   if thp == "always":
@@ -101,8 +104,11 @@ def reason_not_to_restart(environ: Mapping[str, str], thp: Optional[str],
 
 
 def environment_with_tunable(environ: Mapping[str, str]) -> dict:
-  """`environ` with `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES (kept otherwise)."""
+  """`environ` with `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES (kept otherwise), and the
+  RESTARTED marker, which keeps a process from restarting twice (were a wrapper between the
+  interpreter and its executable to drop GLIBC_TUNABLES, it would otherwise restart forever)."""
   env = dict(environ)
+  env[RESTARTED] = "1"
   env["GLIBC_TUNABLES"] = ":".join(
       t for t in (environ.get("GLIBC_TUNABLES", ""), f"{TUNABLE}=1") if t)
   return env

@@ -47,11 +47,16 @@ def test_a_program_read_from_stdin_is_never_restarted():
   assert not huge_pages.program_from_stdin(["python", "-W", "ignore", "run.py", "-"])
 
 
-def test_the_tunable_joins_those_already_set():
-  assert huge_pages.environment_with_tunable({"A": "1"}) == {
-      "A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+def test_the_tunable_joins_those_already_set_and_a_process_restarts_once_at_most():
+  env = huge_pages.environment_with_tunable({"A": "1"})
+  assert env == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                 "MAE_JAX_HUGE_PAGES_RESTARTED": "1"}
   env = huge_pages.environment_with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  # Were the tunable dropped between the two processes (a wrapper that filters GLIBC_TUNABLES),
+  # the marker stops a second restart, which would otherwise repeat forever.
+  lost = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+  assert "restarted once already" in _reason(lost)
 
 
 def test_thp_mode_is_the_bracketed_word(tmp_path):
