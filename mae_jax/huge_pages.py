@@ -188,8 +188,9 @@ def _reason_not_to_restart_this_process(module: Optional[str]) -> Optional[str]:
 def status() -> str:
   """One line for a run's log: whether this process runs with huge pages for its buffers."""
   if TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
-    return (f"host memory: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (mae_jax.huge_pages; "
-            f"{OPT_OUT}=0 keeps mae_jax from setting it)")
+    source = (f"set by mae_jax.huge_pages; {OPT_OUT}=0 keeps mae_jax from setting it"
+              if os.environ.get(RESTARTED) else "from this process's environment")
+    return f"host memory: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} ({source})"
   why = _why_not_restarted or reason_not_to_restart(os.environ, thp_mode(), glibc_version(),
                                                     runs_on_cpu())
   return f"host memory: glibc's default settings ({why or 'not restarted'})"

@@ -242,8 +242,14 @@ def test_the_log_line_says_where_the_tunable_comes_from_and_how_to_go_without(mo
   monkeypatch.setattr(huge_pages, "_why_not_restarted", None)
   tunables = "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+  monkeypatch.delenv("MAE_JAX_HUGE_PAGES_RESTARTED", raising=False)
+  # The user's own setting is named as such; one that mae_jax's restart set says how to go
+  # without.
+  assert huge_pages.status() == (
+      f"host memory: GLIBC_TUNABLES={tunables} (from this process's environment)")
+  monkeypatch.setenv("MAE_JAX_HUGE_PAGES_RESTARTED", "1")
   line = huge_pages.status()
-  assert line.startswith(f"host memory: GLIBC_TUNABLES={tunables} ")
+  assert line.startswith(f"host memory: GLIBC_TUNABLES={tunables} (set by mae_jax.huge_pages")
   assert "MAE_JAX_HUGE_PAGES=0" in line
   monkeypatch.setenv("MAE_JAX_HUGE_PAGES", "0")
   monkeypatch.delenv("GLIBC_TUNABLES")
