@@ -17,6 +17,9 @@ models_vit.py's (`fc_norm` and no final `norm` for a global-pool one, as main_fi
 leaves it); a linear probe gives main_linprobe.py's `head.0` BatchNorm statistics and `head.1`
 Linear. main_finetune.py's `--finetune FILE.pth` and `--eval --resume FILE.pth`, and timm's
 VisionTransformer (global_pool="avg", fc_norm=True for a global-pool classifier), load it.
+models_mae.py builds square models only: a non-square MAE is written with a warning
+(`official_limits`), for mae_jax.convert and models_vit.py (its encoder, into a classifier of the
+same img_size); a non-square classifier loads into models_vit.py.
 
 --format=transformers writes DIR2/model.safetensors and DIR2/config.json, which
 `transformers.ViTMAEForPreTraining.from_pretrained(DIR2)` loads (an encoder-only workdir, such
@@ -158,9 +161,10 @@ def check_output(output: str, directory: bool, file_format: str = "npz") -> None
   other = "--format=transformers" if not directory else "the default --format=npz"
   if os.path.isdir(output) and not directory:
     example = os.path.join(output, "encoder.npz" if file_format == "npz" else "model.pth")
+    # The official format is asked for by name: another format is no way out of this.
+    switch = f", or use {other} to write a directory" if file_format == "npz" else ""
     raise ValueError(f"--output={output} is a directory, but the {file_format} format writes one "
-                     f"file: name a file (such as {example}), or use {other} to write a "
-                     f"directory")
+                     f"file: name a file (such as {example}){switch}")
   if os.path.exists(output) and not os.path.isdir(output) and directory:
     raise ValueError(f"--output={output} is a file, but --format=transformers writes a "
                      "directory (model.safetensors, config.json): name a new or existing "
@@ -354,12 +358,45 @@ def to_official(params: Params, config, batch_stats: Optional[Params] = None
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}, args
 
 
+def _no_config_for_official(workdir: str, num_heads: Optional[int]) -> str:
+  """The error for params without their config: what is missing, and where it comes from."""
+  from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  missing = ("the official file records the model's image size and head counts (and an MAE's "
+             "norm_pix_loss), which the arrays do not hold"
+             + (" (--num_heads alone is not enough)" if num_heads is not None else ""))
+  if checkpoint._is_npz(workdir):  # pylint: disable=protected-access
+    return (f"{workdir} is an encoder exported by mae_jax.export, without its config: {missing}. "
+            "Export the workdir it came from instead")
+  return (f"{workdir} has no config.json: {missing}. Pass the run's workdir (the folder that "
+          "holds params/ or checkpoints/ and config.json) rather than a folder inside it, or "
+          "copy the config.json of the run that wrote these params beside its params/ folder")
+
+
+def official_limits(params: Params, model_config) -> Optional[str]:
+  """What the official code cannot do with this model, or None. Its models_mae.py builds square
+  models only: it fills its fixed position tables from a sqrt(L) x sqrt(L) grid and `patchify`
+  asserts H == W, so an MAE (params without a learned `pos_embedding`) of a non-square img_size
+  does not load into `MaskedAutoencoderViT`. models_vit.py's classifier (timm's patch embedding
+  and a learned table) takes any (H, W)."""
+  h, w = image_hw(model_config.img_size)
+  if h == w or "pos_embedding" in params:
+    return None
+  return (f"img_size ({h}, {w}) is not square, and the official models_mae.py builds square "
+          "models only (its fixed position tables come from a sqrt(L) x sqrt(L) patch grid, and "
+          "patchify asserts equal height and width): MaskedAutoencoderViT cannot load this "
+          "file. Its encoder loads into a models_vit.py VisionTransformer of the same img_size "
+          "(main_finetune.py's --finetune keeps a position table of the model's length as it "
+          "is), and mae_jax.convert reads the file back whole")
+
+
 def export_official(workdir: str, output: str, num_heads: Optional[int] = None
                     ) -> Dict[str, np.ndarray]:
   """Writes OUTPUT (one torch.save file, see the module docstring; missing folders made, an
   earlier file replaced whole) from a workdir's params; returns the state dict as numpy
-  arrays. ValueError as for `export_workdir`, and for a workdir without config.json (the fixed
-  position tables need the model's image and patch size)."""
+  arrays. ValueError as for `export_workdir`, for a workdir without config.json (the file
+  records the image size and head counts, which the arrays do not hold) and when torch is not
+  installed, all before anything is written. A model the official code cannot build (a
+  non-square MAE: `official_limits`) is written with a warning."""
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   check_output(output, directory=False, file_format="official")
   try:
@@ -369,10 +406,12 @@ def export_official(workdir: str, output: str, num_heads: Optional[int] = None
                      "pip install -e '.[torch]'") from e
   params, batch_stats, config = checkpoint.load_variables(workdir)
   if config is None:
-    raise ValueError(f"{workdir} has no config.json: the official layout's position tables need "
-                     "the model's image and patch size")
+    raise ValueError(_no_config_for_official(workdir, num_heads))
   _heads(workdir, config, num_heads)
   sd, args = to_official(params, config, batch_stats)
+  limits = official_limits(params, config.model)
+  if limits:
+    logging.warning("Export to the official code: %s", limits)
   tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
   writers.write_whole(output, lambda path: torch.save(
       {"model": tensors, "args": args}, path))

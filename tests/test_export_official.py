@@ -2,6 +2,7 @@
 checked by loading it into PyTorch models of the official layout (transformers' ViTMAE and the
 models_vit.py classifier of torch_tools) and comparing their outputs with mae_jax's."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def _load(path):
 
 @pytest.mark.parametrize("img_size", [32, (16, 32)], ids=["square", "non_square"])
 def test_a_pretraining_workdir_exports_with_the_official_keys_and_reads_back(tmp_path,
-                                                                             img_size):
+                                                                             img_size, caplog):
   m = config_lib.model_config("vit_b", **{**SIZES, "img_size": img_size}, decoder_embed_dim=32,
                               decoder_depth=1, decoder_num_heads=2, norm_pix_loss=False)
   config = config_lib.pretrain_config("vit_b")
@@ -44,7 +45,10 @@ def test_a_pretraining_workdir_exports_with_the_official_keys_and_reads_back(tmp
   params = _random_params(shapes, 1)
   workdir, out = str(tmp_path / "pretrain"), str(tmp_path / "out" / "mae.pth")
   checkpoint.save_params(workdir, params, config)
-  written = export.export_official(workdir, out)
+  with caplog.at_level(logging.WARNING):
+    written = export.export_official(workdir, out)
+  # models_mae.py builds square models only: a non-square one is written with a warning saying so.
+  assert ("MaskedAutoencoderViT cannot load this file" in caplog.text) == (h != w)
   saved, sd = _load(out)
   assert set(sd) == set(written)
   if h == w:
@@ -142,3 +146,29 @@ def test_the_command_writes_the_official_file_and_refuses_a_directory(tmp_path):
   assert refused.returncode == 2
   assert "the official format writes one file" in refused.stderr
   assert "model.pth" in refused.stderr
+
+
+def test_params_without_their_config_are_refused_naming_what_is_missing_and_the_fix(tmp_path):
+  kwargs = dict(num_classes=5, **SIZES, global_pool=True, dtype="float32")
+  model = VisionTransformer(**kwargs)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  config = config_lib.finetune_config("vit_b")
+  config.model = config_lib.classifier_model_config("vit_b", **kwargs)
+  workdir, out = tmp_path / "w", tmp_path / "out.pth"
+  checkpoint.save_params(str(workdir), _random_params(shapes, 6), config)
+  npz = str(tmp_path / "encoder.npz")
+  export.export_workdir(str(workdir), npz)
+  (workdir / "config.json").unlink()
+  with pytest.raises(ValueError, match="head counts") as error:
+    export.export_official(str(workdir), str(out))
+  assert "copy the config.json of the run that wrote these params beside its params/" in str(
+      error.value)
+  with pytest.raises(ValueError, match="--num_heads alone is not enough"):
+    export.export_official(str(workdir), str(out), num_heads=4)
+  with pytest.raises(ValueError, match="Export the workdir it came from"):
+    export.export_official(npz, str(out))
+  # A directory as --output: name a file; another format is no answer to --format=official.
+  with pytest.raises(ValueError, match="name a file") as error:
+    export.export_official(str(workdir), str(tmp_path))
+  assert "--format=transformers" not in str(error.value)
+  assert not out.exists()
