@@ -151,6 +151,16 @@ def _checksum_pending_save(checkpoints: epath.Path) -> None:
     write_checksums(folder)
 
 
+def remove_empty_checkpoints_dir(workdir: str) -> bool:
+  """Removes WORKDIR/checkpoints when it holds nothing (a job that saved no step, such as an
+  eval_only evaluation, leaves no folder that looks like a run to resume); whether it did."""
+  path = epath.Path(absolute(workdir)) / CHECKPOINTS
+  if path.is_dir() and not any(path.iterdir()):
+    path.rmdir()
+    return True
+  return False
+
+
 def manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   """Asynchronous checkpoints in WORKDIR/checkpoints/<step>, keeping the newest `keep`, each
   with its checksums (see CHECKSUMS)."""

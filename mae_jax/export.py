@@ -181,7 +181,7 @@ def _heads(workdir: str, config, num_heads: Optional[int]) -> int:
   heads = config.model.num_heads
   if num_heads is not None and num_heads != heads:
     raise ValueError(f"--num_heads={num_heads}, but the model in {workdir} has {heads} heads "
-                     "(its config.json): leave --num_heads out")
+                     "(its config): leave --num_heads out")
   return heads
 
 

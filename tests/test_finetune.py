@@ -158,6 +158,14 @@ def test_finetune_end_to_end_from_a_pretraining_workdir(tmp_path, caplog):
   assert last["step"] == 4 and last["eval_top1"] == evals[-1]["eval_top1"]
   assert "eval_only: evaluating the params of step 4" in caplog.text
   assert "nothing left to train" not in caplog.text and "steps 4 -> 4" not in caplog.text
+  # eval_only into a fresh workdir, the fine-tuned one as init_from (as with a converted
+  # official classifier): the same numbers, and no empty checkpoints/ left behind that would
+  # look like a run to resume.
+  fresh = str(tmp_path / "evaluated")
+  finetune.train_and_evaluate(_config("finetune", init_from=workdir, eval_only=True, **LIGHT),
+                              fresh)
+  assert _rows(fresh)[-1]["eval_top1"] == evals[-1]["eval_top1"]
+  assert not os.path.exists(os.path.join(fresh, "checkpoints"))
 
 
 # --- config.init_from ------------------------------------------------------------------------------
