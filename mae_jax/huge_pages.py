@@ -4,7 +4,7 @@ XLA:CPU allocates an executable's temporary buffer afresh at every call (584 MB 
 batch-4 float32 training step). glibc serves a block that large with a fresh mmap, and the
 kernel maps it page by page, 4 KiB at a time, as the step first writes it: about 152,000 page
 faults and 0.26-0.32 s of system CPU time every step on the project's 2-core CPU machine, inside
-the matmuls that first touch each output. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc
+the ops that first write each of its buffers. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc
 2.35 or later) malloc asks the kernel (madvise MADV_HUGEPAGE) to back such blocks with 2 MiB
 pages wherever transparent huge pages are in `madvise` mode, the default of most
 distributions: about 800 faults a step, and the step 6-18% faster (BENCHMARKS.md, "CPU").
