@@ -396,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Finet
   if config.eval_only:  # e.g. a converted official fine-tuned checkpoint as config.init_from
     run_eval(start, session.state)
     session.close()
-    if jax.process_index() == 0:  # the checkpoint manager's folder, empty: no run to resume
+    if session.is_main:  # the checkpoint manager's folder, empty: no run to resume
       checkpoint.remove_empty_checkpoints_dir(workdir)
     return session.state
 

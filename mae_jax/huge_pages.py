@@ -140,12 +140,6 @@ def program(orig_argv) -> Tuple[str, str]:
   return ("-", "")
 
 
-def program_from_stdin(orig_argv) -> bool:
-  """Whether `orig_argv` read its program from standard input, which a restarted process
-  could not read again; False for a script, -c or -m."""
-  return program(orig_argv)[0] == "-"
-
-
 _why_not_restarted: Optional[str] = None  # what restart_with_huge_pages() last answered
 
 

@@ -38,13 +38,13 @@ def test_restarts_only_where_the_tunable_can_help_and_nobody_chose_otherwise():
 
 
 def test_a_program_read_from_stdin_is_never_restarted():
-  assert huge_pages.program_from_stdin(["python", "-"])
-  assert huge_pages.program_from_stdin(["python"])
-  assert huge_pages.program_from_stdin(["python", "-X", "dev", "-u"])
-  assert not huge_pages.program_from_stdin(["python", "-m", "mae_jax.main", "--config=x"])
-  assert not huge_pages.program_from_stdin(["python", "-X", "dev", "-mmae_jax.main"])
-  assert not huge_pages.program_from_stdin(["python", "-c", "print(1)"])
-  assert not huge_pages.program_from_stdin(["python", "-W", "ignore", "run.py", "-"])
+  assert huge_pages.program(["python", "-"])[0] == "-"
+  assert huge_pages.program(["python"])[0] == "-"
+  assert huge_pages.program(["python", "-X", "dev", "-u"])[0] == "-"
+  assert huge_pages.program(["python", "-m", "mae_jax.main", "--config=x"])[0] != "-"
+  assert huge_pages.program(["python", "-X", "dev", "-mmae_jax.main"])[0] != "-"
+  assert huge_pages.program(["python", "-c", "print(1)"])[0] != "-"
+  assert huge_pages.program(["python", "-W", "ignore", "run.py", "-"])[0] != "-"
 
 
 def test_the_tunable_joins_those_already_set_and_a_process_restarts_once_at_most():
