@@ -355,7 +355,7 @@ def to_official(params: Params, config, batch_stats: Optional[Params] = None
   if "head" in params:
     args.update(nb_classes=int(np.shape(params["head"]["kernel"])[-1]),
                 global_pool="fc_norm" in params)
-  return {k: np.ascontiguousarray(v) for k, v in sd.items()}, args
+  return sd, args
 
 
 def _no_config_for_official(workdir: str, num_heads: Optional[int]) -> str:
@@ -412,7 +412,7 @@ def export_official(workdir: str, output: str, num_heads: Optional[int] = None
   limits = official_limits(params, config.model)
   if limits:
     logging.warning("Export to the official code: %s", limits)
-  tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}  # contiguous, writable
   writers.write_whole(output, lambda path: torch.save(
       {"model": tensors, "args": args}, path))
   return sd
